@@ -260,15 +260,21 @@ def _select_weights(obj: Any, path: Path, which: str) -> tuple[dict[str, Any], s
     return dict(obj), "flat state dict"
 
 
-def _strip_to_encoder(weights: dict[str, Any], path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Keep the keys under the encoder's prefix (found from its patch embedding), with the prefix removed."""
+def _strip_to_encoder(
+    weights: dict[str, Any], path: Path, which: str
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Keep the keys under the encoder's prefix (found from its patch embedding), with the prefix removed.
+
+    A flat file with two encoders (our RC-MAE training state: ``student.encoder.*``, ``teacher.encoder.*``)
+    gives two prefixes; the one naming ``which`` wins, else the shortest.
+    """
     if not weights:
         raise CheckpointError(path, "holds an empty state dict")
     prefixes = {m.group(1) for k in weights if (m := re.match(r"^(.*?)patch_embed\.", k))}
     if not prefixes:
         raise CheckpointError(path, "no ViT encoder weights found (no patch_embed.* key; keys look like: "
                                     f"{_abbreviate(sorted(weights), 4)})")
-    prefix = min(prefixes, key=len)
+    prefix = min(prefixes, key=lambda p: (which not in p, len(p)))
     encoder, set_aside = {}, []
     for key, value in weights.items():
         if key.startswith(prefix) and isinstance(value, torch.Tensor):
@@ -325,7 +331,7 @@ def encoder_state_dict(
     """timm-named encoder weights from any supported layout, the layout's name, and the keys set aside."""
     path = Path(path)
     weights, container = _select_weights(obj, path, which)
-    encoder, set_aside = _strip_to_encoder(weights, path)
+    encoder, set_aside = _strip_to_encoder(weights, path, which)
     source = container
     if any(k.startswith("layers.") for k in encoder):
         encoder = _from_openmmlab(encoder)

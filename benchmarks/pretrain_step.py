@@ -1,0 +1,98 @@
+"""MAE, RC-MAE and MixedAE training steps for the same arch and batch, side by side in one run.
+
+Prints each method's step time, the ratios the project holds itself to (MixedAE/MAE ≤ 1.05, as the paper
+pays ~3%: 16.9 vs 16.4 GPU-days; RC-MAE/MAE ≤ 1.35), and each step's achieved FLOP/s as a share of this
+machine's measured matmul FLOP/s (FLOPs counted by torch's FlopCounterMode, multiply-add = 2).
+
+    python benchmarks/pretrain_step.py                                  # ViT-B/16, batch 8, this CPU
+    python benchmarks/pretrain_step.py --device cuda --batch-size 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from mimbench.backbones.precision import autocast_dtype
+from mimbench.backbones.vit import ARCHS
+from mimbench.pretrain.engine import PretrainConfig, build_method
+
+METHODS = ("mae", "rcmae", "mixedae")
+GOALS = {"rcmae": 1.35, "mixedae": 1.05}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_flops_per_second(device: torch.device, dtype: torch.dtype | None, size: int = 2048) -> float:
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    if dtype is not None:
+        a, b = a.to(dtype), b.to(dtype)
+    a @ b
+    synchronize(device)
+    repeats = 10 if device.type == "cpu" else 100
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    synchronize(device)
+    return 2 * size ** 3 * repeats / (time.perf_counter() - start)
+
+
+def training_step(model, optimizer, images, dtype) -> None:
+    with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        loss, _ = model(images)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if hasattr(model, "after_optimizer_step"):
+        model.after_optimizer_step(1, 100)
+
+
+def measure(method: str, args: argparse.Namespace, device: torch.device, dtype) -> tuple[float, float]:
+    torch.manual_seed(0)
+    model = build_method(PretrainConfig(method=method, arch=args.arch)).to(device).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    size = ARCHS[args.arch]["img_size"]
+    images = torch.randn(args.batch_size, 3, size, size, device=device)
+    with FlopCounterMode(display=False) as counter:  # also the warm-up step
+        training_step(model, optimizer, images, dtype)
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        training_step(model, optimizer, images, dtype)
+    synchronize(device)
+    return (time.perf_counter() - start) / args.steps, counter.get_total_flops()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="vit_base_patch16_224", choices=list(ARCHS))
+    parser.add_argument("--batch-size", type=int, default=8, help="a multiple of 1/r = 4 for MixedAE")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    dtype = autocast_dtype(device)
+    peak = matmul_flops_per_second(device, dtype)
+    precision = "bf16 autocast" if dtype else "fp32"
+    print(f"{args.arch}, batch {args.batch_size}, {precision} on {device}; matmul peak {peak / 1e9:.1f} GFLOP/s")
+    seconds = {}
+    for method in METHODS:
+        step, flops = measure(method, args, device, dtype)
+        seconds[method] = step
+        print(f"{method:8s} {step * 1e3:9.1f} ms/step  {flops / 1e9:8.1f} GFLOP/step  "
+              f"{flops / step / peak:6.1%} of matmul peak")
+    for method, goal in GOALS.items():
+        ratio = seconds[method] / seconds["mae"]
+        print(f"ratio {method}/mae = {ratio:.3f} (goal <= {goal}: {'met' if ratio <= goal else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    main()

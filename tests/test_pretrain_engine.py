@@ -1,0 +1,135 @@
+"""The shared engine: exact resume after SIGKILL, NaN stop, two gloo processes, export, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mimbench.backbones.checkpoint import backbone_from_checkpoint, read_checkpoint
+from mimbench.pretrain.engine import PretrainConfig, Trainer, TrainingDiverged, checkpoint_paths, learning_rate
+from mimbench.pretrain.run import main, parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_RUN = ["--embedded", "--arch", "vit_tiny_patch4_32", "--batch-size", "8", "--samples-per-epoch", "80",
+            "--epochs", "2", "--warmup-epochs", "1", "--save-every-steps", "5", "--num-workers", "0",
+            "--decoder-dim", "64", "--decoder-depth", "1"]
+
+
+def final_model(out: Path) -> dict[str, torch.Tensor]:
+    state, _ = read_checkpoint(checkpoint_paths(out)[-1])
+    assert state["step"] == 20
+    return state["model"]
+
+
+def test_learning_rate_schedule():
+    config = PretrainConfig(epochs=10, warmup_epochs=2, min_lr=0.0)
+    assert learning_rate(0.0, config, 1.0) == 0.0
+    assert learning_rate(1.0, config, 1.0) == pytest.approx(0.5)
+    assert learning_rate(2.0, config, 1.0) == pytest.approx(1.0)
+    assert learning_rate(6.0, config, 1.0) == pytest.approx(0.5)
+    assert learning_rate(10.0, config, 1.0) == pytest.approx(0.0)
+
+
+def test_resume_after_sigkill_is_exact(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert main(["--method", "rcmae", *TINY_RUN, "--out", str(straight)]) == 0
+
+    process = subprocess.Popen([sys.executable, str(ROOT / "pretrain" / "run.py"), "--method", "rcmae", *TINY_RUN,
+                                "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = killed / "checkpoints" / "step_00000005.pth"
+    deadline = time.time() + 120
+    while not first.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    still_running = process.poll() is None
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert first.exists() and still_running, "the run must be killed in the middle"
+    assert checkpoint_paths(killed)[-1] != killed / "checkpoints" / "step_00000020.pth"
+
+    assert main(["--method", "rcmae", *TINY_RUN, "--out", str(killed)]) == 0  # resumes on its own
+    expected, got = final_model(straight), final_model(killed)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    config = parse_args(["--method", "mae", *TINY_RUN, "--epochs", "1", "--out", str(tmp_path)])
+    Trainer(config).train()
+    before = checkpoint_paths(tmp_path)
+    good = before[-1]
+    good_bytes = good.read_bytes()
+
+    config.epochs = 2
+    trainer = Trainer(config)
+    forward = trainer.forward
+    calls = []
+
+    def poisoned(images):
+        loss, parts = forward(images)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 3 else loss), parts
+
+    trainer.forward = poisoned
+    with pytest.raises(TrainingDiverged, match=rf"loss is nan .* last good checkpoint: {good}"):
+        trainer.train()
+    assert checkpoint_paths(tmp_path) == before and good.read_bytes() == good_bytes
+
+
+def test_export_is_read_by_the_loader_with_cost(tmp_path):
+    assert main(["--method", "mixedae", *TINY_RUN, "--epochs", "1", "--batch-size", "8", "--out", str(tmp_path)]) == 0
+    model, report = backbone_from_checkpoint(tmp_path / "encoder.safetensors")
+    assert report.metadata.method == "mixedae" and report.metadata.arch == "vit_tiny_patch4_32"
+    assert report.metadata.epochs == 1 and report.metadata.data.startswith("embedded")
+    cost = report.metadata.extra["cost"]
+    assert cost["wall_hours"] > 0 and cost["images_per_s"] > 0 and cost["device"] == "cpu"
+    assert report.encoder_fraction == 1.0
+    assert all(block.attn.topk is None for block in model.blocks)
+    assert (tmp_path / "figures" / "epoch_0000.png").stat().st_size > 1000
+    assert any((tmp_path / "tensorboard").iterdir())
+
+
+def test_neither_data_source_names_both(capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--method", "mae"])
+    assert "--data-root" in str(info.value) and "--embedded" in str(info.value)
+
+
+def test_missing_data_root_is_one_clear_line(tmp_path, capsys):
+    assert main(["--method", "mae", "--data-root", str(tmp_path / "imagenet"), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and str(tmp_path / "imagenet") in err and "\n" not in err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_equal_one_process_with_accumulation(tmp_path):
+    """torchrun with 2 processes x batch b gives the update of 1 process x batch b x 2 accumulation steps."""
+    common = ["--method", "mae", *TINY_RUN, "--epochs", "1", "--samples-per-epoch", "16", "--batch-size", "4"]
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+         str(ROOT / "pretrain" / "run.py"), *common, "--out", str(tmp_path / "ddp")],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True, capture_output=True, timeout=600)
+    assert main([*common, "--accum-steps", "2", "--out", str(tmp_path / "single")]) == 0
+    ddp, _ = read_checkpoint(checkpoint_paths(tmp_path / "ddp")[-1])
+    single, _ = read_checkpoint(checkpoint_paths(tmp_path / "single")[-1])
+    assert ddp["step"] == single["step"] == 2
+    assert json.loads(ddp["config"])["batch_size"] == 4
+    initial = Trainer(parse_args([*common, "--out", str(tmp_path / "unused")])).model.state_dict()
+    key = "encoder.blocks.0.attn.qkv.weight"
+    assert not torch.allclose(single["model"][key], initial[key])  # the two steps really moved the weights
+    for key, value in single["model"].items():
+        torch.testing.assert_close(ddp["model"][key], value, rtol=1e-4, atol=1e-6, msg=key)
