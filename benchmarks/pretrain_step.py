@@ -11,6 +11,7 @@ machine's measured matmul FLOP/s (FLOPs counted by torch's FlopCounterMode, mult
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -30,51 +31,61 @@ def synchronize(device: torch.device) -> None:
 
 
 def matmul_flops_per_second(device: torch.device, dtype: torch.dtype | None, size: int = 2048) -> float:
+    """Best of 5 timings of a square matmul: this machine's attainable peak for the step's precision."""
     a = torch.randn(size, size, device=device)
     b = torch.randn(size, size, device=device)
     if dtype is not None:
         a, b = a.to(dtype), b.to(dtype)
     a @ b
-    synchronize(device)
-    repeats = 10 if device.type == "cpu" else 100
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    synchronize(device)
-    return 2 * size ** 3 * repeats / (time.perf_counter() - start)
+    repeats = 5 if device.type == "cpu" else 100
+    best = 0.0
+    for _ in range(5):
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        synchronize(device)
+        best = max(best, 2 * size ** 3 * repeats / (time.perf_counter() - start))
+    return best
 
 
-def training_step(model, optimizer, images, dtype) -> None:
-    with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        loss, _ = model(images)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    if hasattr(model, "after_optimizer_step"):
-        model.after_optimizer_step(1, 100)
+class MethodStep:
+    """One method's model, optimizer and batch, ready to time one training step at a time."""
 
+    def __init__(self, method: str, args: argparse.Namespace, device: torch.device, dtype) -> None:
+        torch.manual_seed(0)
+        self.model = build_method(PretrainConfig(method=method, arch=args.arch)).to(device).train()
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4)
+        size = ARCHS[args.arch]["img_size"]
+        self.images = torch.randn(args.batch_size, 3, size, size, device=device)
+        self.dtype = dtype
+        with FlopCounterMode(display=False) as counter:  # also the warm-up step
+            self.step()
+        self.flops = counter.get_total_flops()
 
-def measure(method: str, args: argparse.Namespace, device: torch.device, dtype) -> tuple[float, float]:
-    torch.manual_seed(0)
-    model = build_method(PretrainConfig(method=method, arch=args.arch)).to(device).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    size = ARCHS[args.arch]["img_size"]
-    images = torch.randn(args.batch_size, 3, size, size, device=device)
-    with FlopCounterMode(display=False) as counter:  # also the warm-up step
-        training_step(model, optimizer, images, dtype)
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        training_step(model, optimizer, images, dtype)
-    synchronize(device)
-    return (time.perf_counter() - start) / args.steps, counter.get_total_flops()
+    def step(self) -> None:
+        with torch.autocast(self.images.device.type, dtype=self.dtype or torch.float32,
+                            enabled=self.dtype is not None):
+            loss, _ = self.model(self.images)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if hasattr(self.model, "after_optimizer_step"):
+            self.model.after_optimizer_step(1, 100)
+
+    def seconds(self) -> float:
+        synchronize(self.images.device)
+        start = time.perf_counter()
+        self.step()
+        synchronize(self.images.device)
+        return time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="vit_base_patch16_224", choices=list(ARCHS))
     parser.add_argument("--batch-size", type=int, default=8, help="a multiple of 1/r = 4 for MixedAE")
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5, help="timed rounds (median reported)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
@@ -83,12 +94,16 @@ def main() -> None:
     peak = matmul_flops_per_second(device, dtype)
     precision = "bf16 autocast" if dtype else "fp32"
     print(f"{args.arch}, batch {args.batch_size}, {precision} on {device}; matmul peak {peak / 1e9:.1f} GFLOP/s")
-    seconds = {}
+    steps = {method: MethodStep(method, args, device, dtype) for method in METHODS}
+    timings: dict[str, list[float]] = {method: [] for method in METHODS}
+    for _ in range(args.steps):  # interleaved rounds, so drifting machine speed hits every method alike
+        for method in METHODS:
+            timings[method].append(steps[method].seconds())
+    seconds = {method: statistics.median(values) for method, values in timings.items()}
     for method in METHODS:
-        step, flops = measure(method, args, device, dtype)
-        seconds[method] = step
-        print(f"{method:8s} {step * 1e3:9.1f} ms/step  {flops / 1e9:8.1f} GFLOP/step  "
-              f"{flops / step / peak:6.1%} of matmul peak")
+        flops = steps[method].flops
+        print(f"{method:8s} {seconds[method] * 1e3:9.1f} ms/step (median of {args.steps})  "
+              f"{flops / 1e9:8.1f} GFLOP/step  {flops / seconds[method] / peak:6.1%} of matmul peak")
     for method, goal in GOALS.items():
         ratio = seconds[method] / seconds["mae"]
         print(f"ratio {method}/mae = {ratio:.3f} (goal <= {goal}: {'met' if ratio <= goal else 'NOT met'})")

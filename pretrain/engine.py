@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.optim import param_groups_weight_decay
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -342,6 +343,8 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             shown = self.model.visualize(images)
         rows = [denormalize(shown[key]) for key in ("original", "input", "reconstruction")]
+        zoom = max(1, 128 // images.shape[-1])  # small demo crops are enlarged so they can be seen
+        rows = [F.interpolate(row, scale_factor=zoom, mode="nearest") for row in rows]
         path = self.out / "figures" / f"epoch_{epoch:04d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: save_image(torch.cat(rows), str(tmp), nrow=len(images), format="png"))

@@ -66,8 +66,9 @@ class ReconstructionConsistentMAE(nn.Module):
     def after_optimizer_step(self, step: int, total_steps: int) -> dict[str, float]:
         """EMA update of the teacher after optimizer step ``step`` (1-based) of ``total_steps``."""
         momentum = teacher_momentum(step, total_steps, self.config.momentum_start, self.config.momentum_end)
-        for teacher, student in zip(self.teacher.parameters(), self.student.parameters()):
-            teacher.mul_(momentum).add_(student.detach(), alpha=1 - momentum)
+        # teacher ← m·teacher + (1 − m)·student, as one fused multi-tensor lerp over all parameters
+        torch._foreach_lerp_(list(self.teacher.parameters()), [p.detach() for p in self.student.parameters()],
+                             1 - momentum)
         return {"teacher_momentum": momentum}
 
     def visualize(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -131,3 +131,14 @@ def test_loss_decreases_on_the_embedded_photos(method):
         losses.append(loss.item())
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.8 * first, (method, first, last)
+
+
+@pytest.mark.parametrize("method", ["mae", "rcmae", "mixedae"])
+def test_every_trainable_parameter_gets_a_gradient(method):
+    """DDP (without find_unused_parameters) needs every trainable parameter in the graph of each step."""
+    model = build_method(PretrainConfig(method=method, arch="vit_tiny_patch4_32", method_options=dict(
+        decoder_dim=64, decoder_depth=1, decoder_heads=4)))
+    loss, _ = model(torch.randn(4, 3, 32, 32))
+    loss.backward()
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
