@@ -22,6 +22,7 @@ import math
 import os
 import pickle
 import re
+import subprocess
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -132,6 +133,16 @@ def _abbreviate(keys: list[str], limit: int = 8) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- writing
+
+
+def git_commit() -> str | None:
+    """The short commit of the code that writes a checkpoint, for its metadata (None outside a git checkout)."""
+    try:
+        result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +16,13 @@ import torch
 from tabulate import tabulate
 from torch.utils.flop_counter import FlopCounterMode
 
-from mimbench.backbones.checkpoint import CheckpointError, CheckpointMetadata, backbone_from_checkpoint, save_backbone
+from mimbench.backbones.checkpoint import (
+    CheckpointError,
+    CheckpointMetadata,
+    backbone_from_checkpoint,
+    git_commit,
+    save_backbone,
+)
 from mimbench.backbones.vit import ARCHS, count_parameters, create_backbone, default_feature_blocks, dense_features
 
 
@@ -41,15 +46,6 @@ def summary_table(archs: list[str]) -> str:
                      f"{gflops:.2f}"])
     return tabulate(rows, headers=["arch", "input", "patches", "width", "depth", "params (M)", "GFLOPs"],
                     tablefmt="github")
-
-
-def git_commit() -> str | None:
-    try:
-        result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return result.stdout.strip() or None
 
 
 def demo(out_dir: Path) -> None:

@@ -23,7 +23,6 @@ import math
 import os
 import re
 import resource
-import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ from torch.utils.data import DataLoader
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from mimbench.backbones.checkpoint import CheckpointMetadata, atomic_write, read_checkpoint, save_backbone
+from mimbench.backbones.checkpoint import CheckpointMetadata, atomic_write, git_commit, read_checkpoint, save_backbone
 from mimbench.backbones.precision import autocast_dtype
 from mimbench.pretrain.data import ShardedSampler, build_pretrain_dataset
 
@@ -131,15 +130,6 @@ def build_method(config: PretrainConfig) -> nn.Module:
         raise ValueError(f"unknown method {config.method!r}; choose one of: {', '.join(methods)}")
     config_class, model_class = methods[config.method]
     return model_class(config_class(arch=config.arch, **config.method_options))
-
-
-def git_commit() -> str | None:
-    try:
-        result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return result.stdout.strip() or None
 
 
 def checkpoint_paths(out: Path) -> list[Path]:
