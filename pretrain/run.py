@@ -41,14 +41,14 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, config_class: type, ski
             continue
         flag = "--" + field.name.replace("_", "-")
         kind = hints[field.name]
+        if typing.get_origin(kind) is typing.Union or type(kind).__name__ == "UnionType":  # X | None -> X
+            kind = next(t for t in typing.get_args(kind) if t is not type(None))
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-            continue
-        base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # Optional[X] -> X
-        if typing.get_origin(base) in (list, tuple) or typing.get_origin(kind) in (list, tuple):
+        elif typing.get_origin(kind) in (list, tuple):
             parser.add_argument(flag, type=int, nargs="*", default=None)
         else:
-            parser.add_argument(flag, type=base if base in (int, float, str) else str, default=None)
+            parser.add_argument(flag, type=kind if kind in (int, float, str) else str, default=None)
 
 
 def parse_args(argv: list[str] | None = None) -> Any:

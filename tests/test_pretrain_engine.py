@@ -133,3 +133,15 @@ def test_two_gloo_processes_equal_one_process_with_accumulation(tmp_path):
     assert not torch.allclose(single["model"][key], initial[key])  # the two steps really moved the weights
     for key, value in single["model"].items():
         torch.testing.assert_close(ddp["model"][key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_flags_follow_the_config_dataclasses():
+    config = parse_args(["--method", "mixedae", "--embedded", "--no-compile", "--mixing-ratio", "0.5",
+                         "--homologous-blocks", "10", "11", "--no-segment-embedding", "--epochs", "4"])
+    assert config.compile is False and config.epochs == 4 and config.arch == "vit_tiny_patch4_32"
+    assert config.method_options["mixing_ratio"] == 0.5
+    assert config.method_options["homologous_blocks"] == (10, 11)
+    assert config.method_options["segment_embedding"] is False
+    assert config.method_options["decoder_dim"] == 128  # the small decoder of the tiny embedded arch
+    assert parse_args(["--method", "mae", "--data-root", "/data", "--compile"]).compile is True
+    assert parse_args(["--method", "mae", "--data-root", "/data"]).compile is None  # None: on CUDA only
