@@ -40,10 +40,7 @@ from tqdm import tqdm
 
 from mimbench.backbones.checkpoint import CheckpointMetadata, atomic_write, git_commit, read_checkpoint, save_backbone
 from mimbench.backbones.precision import autocast_dtype
-from mimbench.pretrain.data import ShardedSampler, build_pretrain_dataset
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from mimbench.pretrain.data import IMAGENET_MEAN, IMAGENET_STD, ShardedSampler, build_pretrain_dataset
 
 
 class TrainingDiverged(RuntimeError):
