@@ -41,6 +41,17 @@ from tqdm import tqdm
 from mimbench.backbones.checkpoint import CheckpointMetadata, atomic_write, git_commit, read_checkpoint, save_backbone
 from mimbench.backbones.precision import autocast_dtype
 from mimbench.pretrain.data import IMAGENET_MEAN, IMAGENET_STD, ShardedSampler, build_pretrain_dataset
+from mimbench.pretrain.mae import MAEConfig, MaskedAutoencoder
+from mimbench.pretrain.mixedae import MixedAEConfig, MixedAutoencoder
+from mimbench.pretrain.rcmae import RCMAEConfig, ReconstructionConsistentMAE
+
+
+# Each method's config dataclass and model: what `--method` chooses between.
+METHODS: dict[str, tuple[type, type[nn.Module]]] = {
+    "mae": (MAEConfig, MaskedAutoencoder),
+    "rcmae": (RCMAEConfig, ReconstructionConsistentMAE),
+    "mixedae": (MixedAEConfig, MixedAutoencoder),
+}
 
 
 class TrainingDiverged(RuntimeError):
@@ -114,18 +125,9 @@ def init_distributed(device: str | None) -> Distributed:
 
 
 def build_method(config: PretrainConfig) -> nn.Module:
-    from mimbench.pretrain.mae import MAEConfig, MaskedAutoencoder
-    from mimbench.pretrain.mixedae import MixedAEConfig, MixedAutoencoder
-    from mimbench.pretrain.rcmae import RCMAEConfig, ReconstructionConsistentMAE
-
-    methods = {
-        "mae": (MAEConfig, MaskedAutoencoder),
-        "rcmae": (RCMAEConfig, ReconstructionConsistentMAE),
-        "mixedae": (MixedAEConfig, MixedAutoencoder),
-    }
-    if config.method not in methods:
-        raise ValueError(f"unknown method {config.method!r}; choose one of: {', '.join(methods)}")
-    config_class, model_class = methods[config.method]
+    if config.method not in METHODS:
+        raise ValueError(f"unknown method {config.method!r}; choose one of: {', '.join(METHODS)}")
+    config_class, model_class = METHODS[config.method]
     return model_class(config_class(arch=config.arch, **config.method_options))
 
 

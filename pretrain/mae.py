@@ -23,14 +23,20 @@ from mimbench.backbones.vit import create_backbone
 
 
 @dataclass
-class MAEConfig:
+class AutoencoderConfig:
+    """What every MAE-style method shares: the encoder arch and MAE's decoder (8 x 512 for ViT-B)."""
+
     arch: str = "vit_base_patch16_224"
-    mask_ratio: float = 0.75
     decoder_dim: int = 512
     decoder_depth: int = 8
     decoder_heads: int = 16
     norm_pix_loss: bool = True
     drop_path_rate: float = 0.0
+
+
+@dataclass
+class MAEConfig(AutoencoderConfig):
+    mask_ratio: float = 0.75
 
 
 def sincos_pos_embed(grid_size: tuple[int, int], dim: int) -> torch.Tensor:

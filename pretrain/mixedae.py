@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -49,17 +50,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mimbench.backbones.vit import HomologousAttention, set_homologous_attention
-from mimbench.pretrain.mae import MAEConfig, MaskedAutoencoder, gather_tokens, visualization
+from mimbench.pretrain.mae import AutoencoderConfig, MAEConfig, MaskedAutoencoder, gather_tokens, visualization
 
 
 @dataclass
-class MixedAEConfig:
-    arch: str = "vit_base_patch16_224"
-    decoder_dim: int = 512
-    decoder_depth: int = 8
-    decoder_heads: int = 16
-    norm_pix_loss: bool = True
-    drop_path_rate: float = 0.0
+class MixedAEConfig(AutoencoderConfig):
     mixing_ratio: float = 0.25  # r: each mixed image holds 1/r sources, r·N patches each
     homologous_topk: int | None = None  # K of TopK; None -> round(r·N)
     homologous_blocks: tuple[int, ...] | None = None  # encoder blocks with homologous attention; None -> all
@@ -83,9 +78,8 @@ class MixedAEConfig:
 
     def mae_config(self) -> MAEConfig:
         """The decoder half is MAE's; each source has 1 - r of its positions hidden."""
-        return MAEConfig(arch=self.arch, mask_ratio=1 - self.mixing_ratio, decoder_dim=self.decoder_dim,
-                         decoder_depth=self.decoder_depth, decoder_heads=self.decoder_heads,
-                         norm_pix_loss=self.norm_pix_loss, drop_path_rate=self.drop_path_rate)
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(AutoencoderConfig)}
+        return MAEConfig(**shared, mask_ratio=1 - self.mixing_ratio)
 
 
 # ------------------------------------------------------------------------------------------ mixing math

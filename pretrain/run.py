@@ -25,14 +25,6 @@ EMBEDDED_DEFAULTS: dict[str, Any] = dict(arch="vit_tiny_patch4_32", epochs=10, w
 SMALL_DECODER: dict[str, Any] = dict(decoder_dim=128, decoder_depth=2, decoder_heads=4)
 
 
-def method_config_class(method: str) -> type:
-    from mimbench.pretrain.mae import MAEConfig
-    from mimbench.pretrain.mixedae import MixedAEConfig
-    from mimbench.pretrain.rcmae import RCMAEConfig
-
-    return {"mae": MAEConfig, "rcmae": RCMAEConfig, "mixedae": MixedAEConfig}[method]
-
-
 def add_dataclass_flags(parser: argparse.ArgumentParser, config_class: type, skip: set[str]) -> None:
     """One ``--flag`` per dataclass field: configs stay data, the command line follows them."""
     hints = typing.get_type_hints(config_class)
@@ -52,10 +44,10 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, config_class: type, ski
 
 
 def parse_args(argv: list[str] | None = None) -> Any:
-    from mimbench.pretrain.engine import PretrainConfig
+    from mimbench.pretrain.engine import METHODS, PretrainConfig
 
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--method", choices=["mae", "rcmae", "mixedae"], default="mae")
+    pre.add_argument("--method", choices=list(METHODS), default="mae")
     method = pre.parse_known_args(argv)[0].method
 
     parser = argparse.ArgumentParser(prog="pretrain/run.py", description=__doc__,
@@ -63,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> Any:
     add_dataclass_flags(parser, PretrainConfig, skip={"method_options"})
     parser.set_defaults(method=method)
     options = parser.add_argument_group(f"{method} options")
-    add_dataclass_flags(options, method_config_class(method), skip={"arch"})
+    add_dataclass_flags(options, METHODS[method][0], skip={"arch"})
     args = vars(parser.parse_args(argv))
 
     run_fields = {f.name for f in dataclasses.fields(PretrainConfig)}
