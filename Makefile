@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.14.1 torchvision==0.29.1
 SETUP  := $(VENV)/.setup-done
 
-.PHONY: setup demo test summary clean
+.PHONY: setup demo test tables summary clean
 
 setup: $(SETUP)
 
@@ -33,6 +33,10 @@ demo: $(SETUP)
 
 test: $(SETUP)
 	$(BIN)/pytest
+
+# The paper's tables from the results store (results/results.jsonl or $$MIMBENCH_RESULTS) into tables/out/.
+tables: $(SETUP)
+	$(BIN)/python -m mimbench.tables.build
 
 summary: $(SETUP)
 	$(BIN)/python -m mimbench.backbones.cli summary
