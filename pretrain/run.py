@@ -15,32 +15,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import typing
 from typing import Any
+
+from mimbench.flags import add_dataclass_flags
 
 # Small ViTs for the embedded data: a matching small decoder and a CPU-sized schedule.
 EMBEDDED_DEFAULTS: dict[str, Any] = dict(arch="vit_tiny_patch4_32", epochs=10, warmup_epochs=2, batch_size=64,
                                          base_lr=1.5e-4 * 4, num_workers=2, samples_per_epoch=2048,
                                          save_every_steps=100)
 SMALL_DECODER: dict[str, Any] = dict(decoder_dim=128, decoder_depth=2, decoder_heads=4)
-
-
-def add_dataclass_flags(parser: argparse.ArgumentParser, config_class: type, skip: set[str]) -> None:
-    """One ``--flag`` per dataclass field: configs stay data, the command line follows them."""
-    hints = typing.get_type_hints(config_class)
-    for field in dataclasses.fields(config_class):
-        if field.name in skip:
-            continue
-        flag = "--" + field.name.replace("_", "-")
-        kind = hints[field.name]
-        if typing.get_origin(kind) is typing.Union or type(kind).__name__ == "UnionType":  # X | None -> X
-            kind = next(t for t in typing.get_args(kind) if t is not type(None))
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        elif typing.get_origin(kind) in (list, tuple):
-            parser.add_argument(flag, type=int, nargs="*", default=None)
-        else:
-            parser.add_argument(flag, type=kind if kind in (int, float, str) else str, default=None)
 
 
 def parse_args(argv: list[str] | None = None) -> Any:

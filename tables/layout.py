@@ -1,0 +1,101 @@
+"""What the paper's tables show, as data: which records fill which column, and how the columns are headed.
+
+A column is filled by the records of one task and dataset (and protocol, where the table fixes one); the
+cell value is ``metrics[metric]``, or ``value`` (the record's headline metric) where ``metric`` is None.
+``key`` names the column in the reference CSVs under ``tables/reference/``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from mimbench.results import Result
+
+
+@dataclass(frozen=True)
+class Column:
+    key: str
+    header: str  # Markdown, HTML and CSV
+    latex: str
+    task: str
+    dataset: str
+    metric: str | None = None  # None: the record's headline value (each transfer dataset has its own metric)
+    protocol: str | None = None  # None: any protocol
+
+    def value_of(self, record: Result) -> float | None:
+        """This column's number in ``record``, or None where the record does not belong here."""
+        if (record.task, record.dataset) != (self.task, self.dataset):
+            return None
+        if self.protocol is not None and record.protocol != self.protocol:
+            return None
+        if self.metric is None:
+            return float(record.value)
+        value: Any = record.metrics.get(self.metric)
+        if value is None and record.metric == self.metric:
+            value = record.value
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return float(value) if is_number else None
+
+
+def _coco(key: str, metric: str, header: str, latex: str) -> Column:
+    return Column(key, f"COCO {header}", latex, "detection", "coco", metric)
+
+
+MAIN_COLUMNS: tuple[Column, ...] = (
+    Column("imagenet_top1", "ImageNet top-1", "ImageNet top-1", "classification", "imagenet", "top1", "finetune"),
+    Column("ade20k_miou", "ADE20K mIoU", "ADE20K mIoU", "segmentation", "ade20k", "mIoU"),
+    _coco("coco_ap_bb", "AP_bbox", "AP^bb", "AP$^{bb}$"),
+    _coco("coco_ap50_bb", "AP50_bbox", "AP^bb_50", "AP$^{bb}_{50}$"),
+    _coco("coco_ap75_bb", "AP75_bbox", "AP^bb_75", "AP$^{bb}_{75}$"),
+    _coco("coco_ap_mk", "AP_segm", "AP^mk", "AP$^{mk}$"),
+    _coco("coco_ap50_mk", "AP50_segm", "AP^mk_50", "AP$^{mk}_{50}$"),
+    _coco("coco_ap75_mk", "AP75_segm", "AP^mk_75", "AP$^{mk}_{75}$"),
+)
+
+# (dataset as records name it, header as the paper prints it); the paper's transfer table is fine-tuning.
+TRANSFER_DATASETS: tuple[tuple[str, str], ...] = (
+    ("aircraft", "Aircraft"), ("caltech101", "Caltech"), ("cars", "Cars"), ("cifar10", "C10"),
+    ("cifar100", "C100"), ("dtd", "DTD"), ("flowers", "Flowers"), ("food", "Food"), ("pets", "Pets"),
+    ("sun397", "SUN"), ("voc2007", "VOC"),
+)
+TRANSFER_PROTOCOL = "finetune"
+# The plain mean of the 11 datasets; filled only for rows that have all 11 (a partial mean would mislead).
+AVERAGE = Column("avg", "Avg.", "Avg.", "classification", "(mean of the 11 datasets)")
+
+
+def transfer_columns(protocol: str = TRANSFER_PROTOCOL) -> tuple[Column, ...]:
+    return tuple(Column(name, header, header, "classification", name, None, protocol)
+                 for name, header in TRANSFER_DATASETS)
+
+
+METHOD_NAMES = {"mae": "MAE", "rcmae": "RC-MAE", "rc-mae": "RC-MAE", "mixedae": "MixedAE"}
+BASELINE = "MAE"  # deltas are against this method's row of the same pretraining epochs and arch
+# The paper prints deltas only on its own rows; its reference rows keep exactly that (ours get one per row).
+PAPER_DELTA_METHODS = ("MixedAE", "MixedAE-Full*", "MixedAE-Full")
+PAPER_ARCH = "ViT-B/16"
+EFFECTIVE_EPOCHS = "††"  # the paper's mark for multi-crop methods' effective epochs
+
+OURS, PAPER = "ours", "paper"
+ABLATION_TAG, VARIANT_TAG = "ablation", "variant"
+
+# The label columns of each table, before its metric columns; "Source" says ours or paper.
+LABELS = {
+    "main": ("Source", "Method", "Arch", "Pre-train epochs", "Pre-train GPU-days"),
+    "transfer": ("Source", "Group", "Method", "Arch", "Pre-train epochs"),
+    "ablation": ("Source", "Variant", "Method", "Arch", "Pre-train epochs"),
+}
+CAPTIONS = {
+    "main": ("ImageNet-1K fine-tuning top-1, ADE20K UperNet mIoU, COCO Mask R-CNN box and mask AP. "
+             "(+x): difference to the MAE row of the same pre-training epochs and arch."),
+    "transfer": ("Transfer to 11 classification datasets ({protocol}); Avg. is their plain mean, "
+                 "(+x) its difference to the MAE row of the same pre-training epochs and arch."),
+    "ablation": "Ablation '{name}': one row per variant.",
+    "other": "Other results: records that belong to none of the tables above.",
+}
+NOTES = {
+    "seeds": "a ± s [n=k]: mean and standard deviation over k seeds; -: not measured.",
+    "paper": ("paper: reference rows transcribed from the poster of Chen et al., Mixed Autoencoder for "
+              "Self-supervised Visual Representation Learning, CVPR 2023."),
+    "effective": EFFECTIVE_EPOCHS + ": effective epochs of multi-crop methods, as the paper reports them.",
+}

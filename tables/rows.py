@@ -1,0 +1,182 @@
+"""Table rows: ours aggregated from result records, the paper's read from ``tables/reference/``.
+
+A row is one setting, (method, pretraining epochs, arch, tags); the records of its seeds aggregate into one
+cell per column (mean ± std over n).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mimbench.results import Result
+from mimbench.tables import layout
+from mimbench.tables.layout import ABLATION_TAG, AVERAGE, BASELINE, VARIANT_TAG, Column
+
+REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
+
+
+@dataclass(frozen=True)
+class Cell:
+    mean: float
+    std: float | None = None  # None for a single seed
+    n: int = 1
+    delta: float | None = None  # against the baseline row; None where the table prints none
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Cell:
+        std = float(np.std(values, ddof=1)) if len(values) > 1 else None
+        return cls(float(np.mean(values)), std, len(values))
+
+
+@dataclass
+class Row:
+    source: str  # layout.OURS | layout.PAPER
+    method: str  # display name
+    epochs: int | None
+    arch: str | None
+    tags: tuple[tuple[str, str], ...] = ()
+    gpu_days: float | None = None
+    cells: dict[str, Cell] = field(default_factory=dict)  # by Column.key
+    group: str = ""  # the transfer table's row groups
+    epochs_note: str = ""
+
+    @property
+    def variant(self) -> str:
+        return dict(self.tags).get(VARIANT_TAG, "")
+
+    @property
+    def label(self) -> str:
+        """Method with any tags that are not the ablation's own, e.g. ``MixedAE [mask=0.5]``."""
+        extra = [f"{k}={v}" for k, v in self.tags if k not in (ABLATION_TAG, VARIANT_TAG)]
+        return f"{self.method} [{', '.join(extra)}]" if extra else self.method
+
+
+def display_name(method: str) -> str:
+    return layout.METHOD_NAMES.get(method.lower(), method)
+
+
+def setting_of(record: Result) -> tuple:
+    epochs = None if record.pretrain_epochs is None else round(record.pretrain_epochs)
+    tags = tuple(sorted((str(k), str(v)) for k, v in record.tags.items()))
+    return display_name(record.method or ""), epochs, record.arch, tags
+
+
+def table_of(record: Result, columns: dict[str, Sequence[Column]]) -> tuple[str, list[tuple[str, float]]]:
+    """The table a record belongs to and the (column key, value) cells it fills there; no cells: no table."""
+    if not record.method:
+        return "", []
+    ablation = record.tags.get(ABLATION_TAG)
+    if ablation is not None:
+        if not record.tags.get(VARIANT_TAG):
+            return "", []  # an ablation row needs its variant's name
+        pool = [column for table in ("main", "transfer") for column in columns[table]]
+        cells = [(c.key, v) for c in pool if (v := c.value_of(record)) is not None]
+        return f"ablation_{ablation}", cells
+    for table in ("main", "transfer"):
+        cells = [(c.key, v) for c in columns[table] if (v := c.value_of(record)) is not None]
+        if cells:
+            return table, cells
+    return "", []
+
+
+def our_rows(records: Iterable[Result], columns: dict[str, Sequence[Column]]
+             ) -> tuple[dict[str, list[Row]], list[Result]]:
+    """Rows per table, and the records no table shows (for the "other results" table)."""
+    values: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    gpu_days: dict[tuple, list[float]] = defaultdict(list)
+    unplaced = []
+    for record in records:
+        table, cells = table_of(record, columns)
+        if not cells:
+            unplaced.append(record)
+            continue
+        setting = setting_of(record)
+        for key, value in cells:
+            values[table, setting][key].append(value)
+        if record.pretrain_gpu_days is not None:
+            gpu_days[setting].append(record.pretrain_gpu_days)
+    rows: dict[str, list[Row]] = defaultdict(list)
+    for (table, setting), by_key in values.items():
+        method, epochs, arch, tags = setting
+        cells = {key: Cell.of(found) for key, found in by_key.items()}
+        cost = float(np.mean(gpu_days[setting])) if gpu_days[setting] else None  # mean where records disagree
+        rows[table].append(Row(layout.OURS, method, epochs, arch, tags, cost, cells, group="Ours"))
+    for table_rows in rows.values():
+        table_rows.sort(key=_our_order)
+    for row in rows.get("transfer", []):
+        _add_average(row, columns["transfer"])
+    return dict(rows), unplaced
+
+
+def _our_order(row: Row) -> tuple:
+    return (row.arch or "", row.epochs if row.epochs is not None else math.inf,
+            row.method != BASELINE, row.method, row.variant, row.tags)
+
+
+def _add_average(row: Row, transfer: Sequence[Column]) -> None:
+    means = [row.cells[c.key].mean for c in transfer if c.key in row.cells]
+    if transfer and len(means) == len(transfer):
+        row.cells[AVERAGE.key] = Cell(float(np.mean(means)))
+
+
+def with_deltas(rows: list[Row], keys: Sequence[str]) -> list[Row]:
+    """Rows whose ``keys`` cells carry the difference (of the means) to the baseline (MAE) row of the same
+    source, epochs, arch and tags; the paper's rows only where the paper prints one."""
+    baselines = {(r.source, r.epochs, r.arch, r.tags): r for r in rows if r.method == BASELINE}
+    updated = []
+    for row in rows:
+        base = baselines.get((row.source, row.epochs, row.arch, row.tags))
+        if base is None or row is base or (row.source == layout.PAPER
+                                           and row.method not in layout.PAPER_DELTA_METHODS):
+            updated.append(row)
+            continue
+        cells = dict(row.cells)
+        for key in keys:
+            if key in cells and key in base.cells:
+                cells[key] = replace(cells[key], delta=cells[key].mean - base.cells[key].mean)
+        updated.append(replace(row, cells=cells))
+    return updated
+
+
+def paper_rows(reference_dir: Path = REFERENCE_DIR) -> dict[str, list[Row]]:
+    """The paper's rows per table, in the paper's order, from the CSVs transcribed from its poster (the
+    transfer CSV names no arch: its rows mix ResNets and ViTs)."""
+    rows: dict[str, list[Row]] = defaultdict(list)
+    keys = [c.key for c in layout.MAIN_COLUMNS] + [c.key for c in layout.transfer_columns()] + [AVERAGE.key]
+    for path in sorted(reference_dir.glob("*.csv")):
+        kind = path.stem.rsplit("_", 1)[-1]  # <paper>_main.csv, <paper>_transfer.csv, <paper>_ablations.csv
+        for record in pd.read_csv(path).to_dict("records"):
+            cells = {k: Cell(float(record[k])) for k in keys if k in record and pd.notna(record[k])}
+            epochs = int(record["epochs"]) if pd.notna(record.get("epochs", math.nan)) else None
+            row = Row(layout.PAPER, record["method"], epochs, None, cells=cells)
+            if kind == "transfer":
+                rows["transfer"].append(replace(row, group=record["group"]))
+            elif kind == "ablations":
+                tags = ((ABLATION_TAG, record["ablation"]), (VARIANT_TAG, record["variant"]))
+                rows[f"ablation_{record['ablation']}"].append(replace(row, arch=layout.PAPER_ARCH, tags=tags))
+            elif kind == "main":
+                note = layout.EFFECTIVE_EPOCHS if pd.notna(record.get("epochs_note")) else ""
+                rows["main"].append(replace(row, arch=layout.PAPER_ARCH, gpu_days=float(record["gpu_days"]),
+                                            epochs_note=note))
+    return dict(rows)
+
+
+def other_rows(records: Iterable[Result]) -> pd.DataFrame:
+    """Records no table shows, grouped by what they measured and on which weights (seeds aggregate)."""
+    headers = ("Task", "Dataset", "Protocol", "Metric", "Method", "Checkpoint")
+    grouped: dict[tuple, list[float]] = defaultdict(list)
+    for record in records:
+        method = record.method and display_name(record.method)
+        key = (record.task, record.dataset, record.protocol, record.metric, method, record.checkpoint)
+        grouped[key].append(record.value)
+    in_order = sorted(grouped.items(), key=lambda item: tuple("" if v is None else str(v) for v in item[0]))
+    # n has a column of its own here, so the value cell shows mean ± std only
+    return pd.DataFrame([{**dict(zip(headers, key, strict=True)), "Value": replace(Cell.of(values), n=1),
+                          "n": len(values)} for key, values in in_order], columns=[*headers, "Value", "n"])

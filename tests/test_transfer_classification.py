@@ -1,0 +1,231 @@
+"""Classification transfer end to end on the bundled digits: linear probe, fine-tuning, LARS probe, resume, DDP."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from timm.optim import Lars
+from torch.utils.data import Subset
+
+from mimbench.backbones.checkpoint import CheckpointMetadata, save_backbone
+from mimbench.backbones.vit import create_backbone
+from mimbench.pretrain.engine import Distributed, TrainingDiverged
+from mimbench.results import file_sha256, read_results
+from mimbench.transfer.datasets import build_dataset, collate_readable
+from mimbench.transfer.features import FeatureCache, cache_key, pooled_features
+from mimbench.transfer.finetune import (RECIPES, FinetuneConfig, FinetuneRun, build_classifier, eval_transform,
+                                        train_transform)
+from mimbench.transfer.logistic import REGULARISATION_GRID
+from mimbench.transfer.run import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    metadata = CheckpointMetadata(method="mae", arch="vit_tiny_patch4_32", epochs=3.0,
+                                  extra={"cost": {"gpu_days": 0.0}})
+    path = tmp_path_factory.mktemp("ckpt") / "tiny_mae.safetensors"
+    return save_backbone(path, create_backbone("vit_tiny_patch4_32"), metadata)
+
+
+def records(store: Path):
+    results, malformed = read_results(store)
+    assert malformed == []
+    return results
+
+
+def test_linear_probe_on_digits_end_to_end_with_feature_cache(tmp_path, checkpoint, capsys):
+    store, cache = tmp_path / "results.jsonl", tmp_path / "cache"
+    argv = ["digits", "--ckpt", str(checkpoint), "--results", str(store), "--cache-dir", str(cache),
+            "--tags", "ablation=probe", "variant=avg"]
+    assert main(argv) == 0
+    assert "features: extracted" in capsys.readouterr().out
+    (result,) = records(store)
+    assert result.task == "classification" and result.dataset == "digits" and result.protocol == "linear"
+    assert result.metric == "top1" and result.value == pytest.approx(result.metrics["top1"], abs=1e-3)
+    assert result.value > 60  # random-init ViT features: far above the 10% of chance
+    assert result.method == "mae" and result.arch == "vit_tiny_patch4_32" and result.pretrain_epochs == 3.0
+    assert result.checkpoint_sha256 == file_sha256(checkpoint) and result.pretrain_gpu_days == 0.0
+    assert result.tags == {"ablation": "probe", "variant": "avg"}
+    assert result.config["pool"] == "avg" and result.config["regularisation"] in REGULARISATION_GRID
+    assert result.config["images"] == {"train": 1150, "val": 288, "test": 359}
+    assert result.device.startswith("cpu") and result.date and result.wall_time_s > 0
+    assert len(list(cache.glob("*.safetensors"))) == 3
+
+    assert main(argv) == 0  # the second probe reads the cached features
+    assert "features: cache" in capsys.readouterr().out
+    first, second = records(store)
+    assert second.value == first.value and second.config["regularisation"] == first.config["regularisation"]
+
+    assert main([*argv[:-3], "--pool", "token"]) == 0  # another pooling is another feature set
+    assert len(list(cache.glob("*.safetensors"))) == 6
+    assert records(store)[-1].config["pool"] == "token"
+
+
+def test_pooled_features_are_the_class_token_or_the_normalised_mean():
+    torch.manual_seed(0)
+    model = create_backbone("vit_tiny_patch4_32").eval()
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        tokens = model.forward_features(images)
+        torch.testing.assert_close(pooled_features(model, images, "token"), tokens[:, 0])
+        hidden = model.norm_pre(model._pos_embed(model.patch_embed(images)))
+        hidden = model.blocks(hidden)
+        torch.testing.assert_close(pooled_features(model, images, "avg"), model.norm(hidden[:, 1:].mean(1)))
+    with pytest.raises(ValueError, match="unknown pool"):
+        pooled_features(model, images, "max")
+
+
+def test_feature_cache_keys_and_damaged_entries(tmp_path):
+    cache = FeatureCache(tmp_path)
+    description = dict(checkpoint_sha256="abc", dataset="digits", split="train", pool="avg")
+    calls = []
+
+    def extract():
+        calls.append(1)
+        return torch.ones(4, 2), torch.arange(4)
+
+    assert cache.get_or_extract(description, extract)[2] is False
+    features, targets, hit = cache.get_or_extract(description, extract)
+    assert hit and len(calls) == 1 and torch.equal(targets, torch.arange(4))
+    assert cache_key(**description) != cache_key(**{**description, "split": "val"})
+    cache.path(cache_key(**description)).write_bytes(b"damaged")
+    assert cache.get_or_extract(description, extract)[2] is False and len(calls) == 2
+
+
+def test_finetune_on_digits_beats_chance_by_far_with_the_grid(tmp_path, checkpoint):
+    store = tmp_path / "results.jsonl"
+    assert main(["digits", "--ckpt", str(checkpoint), "--protocol", "finetune", "--results", str(store),
+                 "--out", str(tmp_path / "run")]) == 0
+    (result,) = records(store)
+    assert result.protocol == "finetune" and result.config["recipe"] == "embedded"
+    assert result.value > 40  # chance is 10%
+    assert set(result.config["grid_val_scores"]) == {"lr0.003_wd0.05", "lr0.01_wd0.05"}
+    chosen = max(result.config["grid_val_scores"], key=result.config["grid_val_scores"].get)
+    assert chosen == f"lr{result.config['finetune']['base_lr']:g}_wd0.05"
+    losses = [epoch["train_loss"] for epoch in result.config["history"]]
+    assert len(losses) == RECIPES["embedded"]["epochs"] and losses[-1] < 0.8 * losses[0]
+    assert (tmp_path / "run" / "final" / "result.json").exists()
+
+
+def small_run(checkpoint: Path, out: Path, eval_split: str = "val", **changes) -> FinetuneRun:
+    config = FinetuneConfig(**{**RECIPES["embedded"], "epochs": 3, "batch_size": 16, **changes})
+    model, _ = build_classifier(str(checkpoint), 10, config)
+    train = Subset(build_dataset("digits", None, "train", train_transform(config, 16)), range(64))
+    evaluated = Subset(build_dataset("digits", None, eval_split, eval_transform(config, 16)), range(32))
+    return FinetuneRun(config, model, train, evaluated, "top1", False, out, Distributed(), collate_fn=collate_readable)
+
+
+def test_finetune_resumes_exactly_after_an_interruption(tmp_path, checkpoint):
+    torch.manual_seed(0)
+    straight = small_run(checkpoint, tmp_path / "straight")
+    straight.train(progress=False)
+
+    torch.manual_seed(0)
+    interrupted = small_run(checkpoint, tmp_path / "interrupted")
+    train_epoch = interrupted.train_epoch
+
+    def stop_in_epoch_two(progress):
+        if interrupted.epoch == 1:
+            raise KeyboardInterrupt
+        return train_epoch(progress)
+
+    interrupted.train_epoch = stop_in_epoch_two
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.train(progress=False)
+    assert torch.load(tmp_path / "interrupted" / "checkpoint.pth", weights_only=True)["epoch"] == 1
+
+    torch.manual_seed(123)  # a fresh process: another head initialisation, replaced by the checkpoint
+    resumed = small_run(checkpoint, tmp_path / "interrupted")
+    result = resumed.train(progress=False)
+    assert [h["epoch"] for h in result["history"]] == [1, 2, 3]
+    for key, value in straight.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    assert resumed.train(progress=False) == result  # a finished run is read back, not repeated
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_epoch(tmp_path, checkpoint):
+    run = small_run(checkpoint, tmp_path)
+    loss = run.loss
+    run.loss = lambda logits, targets: loss(logits, targets) * (float("nan") if run.epoch == 1 else 1.0)
+    with pytest.raises(TrainingDiverged, match="epoch 2"):
+        run.train(progress=False)
+    state = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert state["epoch"] == 1 and len(state["history"]) == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_lars_probe_trains_only_the_head_with_mae_lars_steps(tmp_path, checkpoint):
+    run = small_run(checkpoint, tmp_path, **{**RECIPES["imagenet-linear"], "epochs": 2, "batch_size": 16,
+                                             "total_batch_size": None, "num_workers": 0, "image_size": 16,
+                                             "eval_crop_ratio": 1.0})
+    assert isinstance(run.optimizer, Lars)
+    assert isinstance(run.model.head[0], torch.nn.BatchNorm1d) and run.model.head[0].weight is None
+    # One step by hand: MAE's LARS scales a matrix's update by 0.001 * |w| / |g| and leaves the bias plain SGD.
+    linear = run.model.head[1]
+    weight, bias = linear.weight.detach().clone(), linear.bias.detach().clone()
+    images, targets = next(iter(run.loader))
+    run.model.train()
+    run.loss(run.model(images), targets).backward()
+    grad_w, grad_b = linear.weight.grad.clone(), linear.bias.grad.clone()
+    for group in run.optimizer.param_groups:
+        group["lr"] = 0.5
+    run.optimizer.step()
+    trust = 0.001 * weight.norm() / grad_w.norm()
+    torch.testing.assert_close(linear.weight.detach(), weight - 0.5 * trust * grad_w)
+    torch.testing.assert_close(linear.bias.detach(), bias - 0.5 * grad_b)
+    run.optimizer.zero_grad()
+
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    run.train(progress=False)
+    changed = {k for k, v in run.model.state_dict().items() if not torch.equal(before[k], v)}
+    assert {"head.1.weight", "head.1.bias", "head.0.running_mean"} <= changed
+    assert all(k.startswith("head.") for k in changed)  # the backbone is frozen, its norms included
+
+
+def test_missing_dataset_names_layout_and_source(tmp_path, checkpoint, capsys):
+    assert main(["cifar10", "--ckpt", str(checkpoint), "--data-root", str(tmp_path / "nowhere"),
+                 "--results", str(tmp_path / "r.jsonl")]) == 1
+    err = capsys.readouterr().err
+    assert "CIFAR-10" in err and "cifar-10-batches-py" in err and "toronto.edu" in err
+    assert main(["flowers", "--ckpt", str(checkpoint)]) == 1
+    assert "Flowers" in capsys.readouterr().err
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_other_tasks_and_bad_flags_say_what_is_wrong(checkpoint, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["coco", "--ckpt", str(checkpoint)])
+    assert info.value.code == 2 and "Detectron2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["digits", "--ckpt", str(checkpoint), "--layer-decay", "0.5"])  # a fine-tuning flag for the probe
+    assert "--layer-decay" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_fine_tune_and_write_one_record(tmp_path, checkpoint):
+    store = tmp_path / "results.jsonl"
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+         str(ROOT / "transfer" / "run.py"), "digits", "--ckpt", str(checkpoint), "--protocol", "finetune",
+         "--epochs", "2", "--batch-size", "32", "--base-lr", "0.003", "--results", str(store),
+         "--out", str(tmp_path / "ddp")],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True, capture_output=True, timeout=600)
+    (result,) = records(store)  # rank 0 alone writes
+    assert result.config["processes"] == 2 and result.config["effective_batch"] == 64
+    assert result.config["grid_val_scores"] == {}  # an explicit --base-lr is no grid
+    assert result.value > 20
+

@@ -1,0 +1,71 @@
+"""Evaluate a checkpoint downstream; every run appends one record to the results store.
+
+    python transfer/run.py cifar100 --ckpt mixedae.pth --protocol linear --data-root /data/cifar
+    python transfer/run.py flowers --ckpt mixedae.pth --protocol finetune --data-root /data/flowers
+    torchrun --nproc_per_node 8 transfer/run.py imagenet --ckpt mixedae.pth --protocol finetune --data-root /imagenet
+    python transfer/run.py digits --ckpt runs/demo/mae/encoder.safetensors      # bundled digits, CPU, a minute
+
+Classification datasets: aircraft caltech101 cars cifar10 cifar100 dtd flowers food pets sun397 voc2007 imagenet,
+and the embedded digits. Any checkpoint the loader reads works: ours, official MAE / RC-MAE, timm, MMPretrain, ...
+Fine-tuning options (epochs, batch size, layer decay, ...) are flags too; ``--protocol finetune --help`` lists them.
+Results go to results/results.jsonl (or --results / $MIMBENCH_RESULTS); ``make tables`` reads them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Any
+
+from mimbench.flags import add_dataclass_flags
+
+# Tasks served by other adapters, named here so that a user learns where they stand.
+OTHER_TASKS = {"coco": "Detectron2 Mask R-CNN", "ade20k": "mmsegmentation UperNet"}
+
+
+def parse_args(argv: list[str] | None) -> tuple[Any, dict[str, Any]]:
+    from mimbench.transfer.classification import PROTOCOLS, ClassificationConfig
+    from mimbench.transfer.datasets import DATASETS
+    from mimbench.transfer.finetune import FinetuneConfig
+
+    parser = argparse.ArgumentParser(prog="transfer/run.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dataset", metavar="task", help=f"one of: {', '.join([*DATASETS, *OTHER_TASKS])}")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="linear")
+    add_dataclass_flags(parser, ClassificationConfig, skip={"dataset", "protocol", "batch_size", "num_workers"})
+    options = parser.add_argument_group("fine-tuning options (defaults come from --recipe)")
+    add_dataclass_flags(options, FinetuneConfig, skip={"seed", "device"})
+    args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    if args["dataset"] in OTHER_TASKS:
+        parser.exit(2, f"error: {args['dataset']} ({OTHER_TASKS[args['dataset']]}) is not in this release yet\n")
+    if "ckpt" not in args:
+        parser.error("--ckpt is required (a checkpoint file: ours, official MAE / RC-MAE, timm, MMPretrain, ...)")
+    finetune_fields = {f.name for f in dataclasses.fields(FinetuneConfig)} - {"seed", "device"}
+    finetune = {k: v for k, v in args.items() if k in finetune_fields}
+    run = {k: v for k, v in args.items() if k not in finetune_fields}
+    if args["protocol"] == "linear":  # the probe's extraction shares --batch-size / --num-workers
+        run.update({k: finetune.pop(k) for k in ("batch_size", "num_workers") if k in finetune})
+        if finetune:
+            parser.error(f"{', '.join('--' + k.replace('_', '-') for k in finetune)}: fine-tuning options, "
+                         "not used by --protocol linear")
+    return ClassificationConfig(**run), finetune
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mimbench.backbones.checkpoint import CheckpointError
+    from mimbench.pretrain.engine import TrainingDiverged
+    from mimbench.transfer.classification import run_classification
+    from mimbench.transfer.datasets import DatasetError
+
+    config, finetune = parse_args(argv)
+    try:
+        run_classification(config, finetune)
+    except (DatasetError, CheckpointError, TrainingDiverged, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
