@@ -12,12 +12,7 @@ from mimbench.transfer.logistic import REGULARISATION_GRID, fit_logistic, select
 TIGHT = dict(max_iter=10_000, tolerance=1e-10, dtype=torch.float64)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def linear_data(seed: int, n: int = 200, dim: int = 10, classes: int = 3) -> tuple[torch.Tensor, torch.Tensor]:

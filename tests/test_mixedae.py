@@ -21,13 +21,7 @@ from mimbench.pretrain.mixedae import (
     unmix,
 )
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and 2 OpenMP threads on a busy 2-core machine stall on barriers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 TINY = dict(arch="vit_tiny_patch4_32", decoder_dim=128, decoder_depth=2, decoder_heads=4)

@@ -229,3 +229,31 @@ def test_two_gloo_processes_fine_tune_and_write_one_record(tmp_path, checkpoint)
     assert result.config["grid_val_scores"] == {}  # an explicit --base-lr is no grid
     assert result.value > 20
 
+
+
+def test_imagenet_recipe_runs_with_timm_augmentation_mixup_and_accumulation(tmp_path, checkpoint):
+    """MAE's ImageNet recipe end to end on a tiny ImageNet-style folder: RandAugment, random erasing, mixup /
+    cutmix with the soft-target loss, accumulation up to the total batch, the official val as test."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for wnid in ("n01440764", "n01443537"):
+        for split, count in (("train", 10), ("val", 3)):
+            for index in range(count):
+                path = tmp_path / "imagenet" / split / wnid / f"{wnid}_{index}.JPEG"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                pixels = torch.randint(0, 256, (24, 24, 3), generator=generator, dtype=torch.uint8)
+                Image.fromarray(pixels.numpy()).save(path)
+    store = tmp_path / "results.jsonl"
+    assert main(["imagenet", "--ckpt", str(checkpoint), "--protocol", "finetune", "--data-root",
+                 str(tmp_path / "imagenet"), "--epochs", "2", "--batch-size", "4", "--total-batch-size", "8",
+                 "--image-size", "16", "--num-workers", "0", "--results", str(store), "--out", str(tmp_path / "in")]) == 0
+    (result,) = records(store)
+    recipe = result.config["finetune"]
+    assert result.config["recipe"] == "imagenet" and result.config["grid_val_scores"] == {}
+    assert (recipe["mixup"], recipe["cutmix"], recipe["random_erasing"]) == (0.8, 1.0, 0.25)
+    assert recipe["randaugment"] == "rand-m9-mstd0.5-inc1" and recipe["layer_decay"] == 0.65
+    assert result.config["effective_batch"] == 8  # batch 4 x 2 accumulation steps
+    losses = [epoch["train_loss"] for epoch in result.config["history"]]
+    assert len(losses) == 2 and all(0 < loss < 10 for loss in losses)
+    assert 0 <= result.value <= 100 and result.metric == "top1"
