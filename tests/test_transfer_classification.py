@@ -150,6 +150,8 @@ def test_finetune_resumes_exactly_after_an_interruption(tmp_path, checkpoint):
     for key, value in straight.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=0, atol=0, msg=key)
     assert resumed.train(progress=False) == result  # a finished run is read back, not repeated
+    with pytest.raises(ValueError, match="another configuration"):
+        small_run(checkpoint, tmp_path / "interrupted", epochs=4).train(progress=False)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_epoch(tmp_path, checkpoint):

@@ -229,7 +229,10 @@ class FinetuneRun:
         """Train to the last epoch (resuming if a checkpoint is there) and evaluate; returns the result."""
         done = self.out / "result.json"
         if done.exists():
-            return json.loads(done.read_text())
+            result = json.loads(done.read_text())
+            if result.get("config") != asdict(self.config):
+                raise ValueError(f"{done}: a finished run with another configuration; use another --out or delete it")
+            return result
         self.resume()
         while self.epoch < self.config.epochs:
             started = time.perf_counter()
@@ -245,7 +248,7 @@ class FinetuneRun:
         result = {"score": self.history[-1][self.metric], "metric": self.metric, "history": self.history,
                   "wall_time_s": round(self.wall_seconds, 1), "peak_memory_gb": round(peak_memory_gb(self.device), 3),
                   "effective_batch": self.config.batch_size * self.dist.world_size * self.accum_steps,
-                  "peak_lr": self.peak_lr}
+                  "peak_lr": self.peak_lr, "config": asdict(self.config)}
         if self.dist.is_main:
             atomic_write(done, lambda tmp: tmp.write_text(json.dumps(result, indent=1) + "\n"))
         return result
