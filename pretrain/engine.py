@@ -26,7 +26,7 @@ import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -85,7 +85,15 @@ class PretrainConfig:
 # ------------------------------------------------------------------------------------------ small pieces
 
 
-def learning_rate(epoch: float, config: PretrainConfig, peak_lr: float) -> float:
+class Schedule(Protocol):
+    """What the lr schedule reads from a config (pretraining's and fine-tuning's both have it)."""
+
+    epochs: int
+    warmup_epochs: float
+    min_lr: float
+
+
+def learning_rate(epoch: float, config: Schedule, peak_lr: float) -> float:
     """Linear warmup, then half-cycle cosine to ``min_lr``; ``epoch`` is fractional (per optimizer step)."""
     if epoch < config.warmup_epochs:
         return peak_lr * epoch / config.warmup_epochs
@@ -129,6 +137,15 @@ def build_method(config: PretrainConfig) -> nn.Module:
         raise ValueError(f"unknown method {config.method!r}; choose one of: {', '.join(METHODS)}")
     config_class, model_class = METHODS[config.method]
     return model_class(config_class(arch=config.arch, **config.method_options))
+
+
+def finite_on_all_ranks(loss: torch.Tensor, world_size: int) -> bool:
+    """Whether the loss is finite in every process: all ranks then stop together instead of waiting on a
+    collective that a stopped rank never joins."""
+    finite = torch.isfinite(loss.detach()).float()
+    if world_size > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return finite.item() == 1
 
 
 def checkpoint_paths(out: Path) -> list[Path]:
@@ -304,10 +321,7 @@ class Trainer:
             self.save_figure(epoch)
 
     def check_finite(self, loss: torch.Tensor, epoch: int) -> None:
-        finite = torch.isfinite(loss.detach()).float()
-        if self.dist.world_size > 1:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item() < 1:
+        if not finite_on_all_ranks(loss, self.dist.world_size):
             last = checkpoint_paths(self.out)
             kept = f"last good checkpoint: {last[-1]}" if last else "no checkpoint was written yet"
             raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch}, step {self.step + 1}; stopped. {kept} "

@@ -20,8 +20,8 @@ run leaves ``result.json`` and is not repeated. A non-finite loss stops the run 
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
 import random
 import time
 from collections.abc import Callable
@@ -45,7 +45,8 @@ from mimbench.backbones.checkpoint import atomic_write, backbone_from_checkpoint
 from mimbench.backbones.layer_decay import layer_decay_param_groups
 from mimbench.backbones.precision import autocast_dtype
 from mimbench.pretrain.data import IMAGENET_MEAN, IMAGENET_STD
-from mimbench.pretrain.engine import Distributed, TrainingDiverged, peak_memory_gb
+from mimbench.pretrain.engine import (Distributed, TrainingDiverged, finite_on_all_ranks, learning_rate,
+                                      peak_memory_gb)
 from mimbench.transfer.metrics import score
 
 
@@ -103,14 +104,6 @@ def train_transform(config: FinetuneConfig, image_size: int) -> Callable:
 def eval_transform(config: FinetuneConfig, image_size: int) -> Callable:
     return create_transform(image_size, is_training=False, crop_pct=config.eval_crop_ratio,
                             interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD)
-
-
-def learning_rate(epoch: float, config: FinetuneConfig, peak_lr: float) -> float:
-    """Linear warmup, then half-cycle cosine to ``min_lr``; ``epoch`` is fractional (per optimizer step)."""
-    if epoch < config.warmup_epochs:
-        return peak_lr * epoch / config.warmup_epochs
-    progress = (epoch - config.warmup_epochs) / max(config.epochs - config.warmup_epochs, 1e-8)
-    return config.min_lr + (peak_lr - config.min_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def masked_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -282,17 +275,14 @@ class FinetuneRun:
             for group in self.optimizer.param_groups:
                 group["lr"] = learning_rate(step / self.steps_per_epoch, config, self.peak_lr) * group["lr_scale"]
             boundary = (index + 1) % self.accum_steps == 0
-            with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-                if self.ddp is not self.model and not boundary:
-                    with self.ddp.no_sync():
-                        loss = self.loss(self.ddp(images), targets)
-                        (loss / self.accum_steps).backward()
-                else:
+            sync = contextlib.nullcontext() if boundary or self.ddp is self.model else self.ddp.no_sync()
+            with sync:
+                with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
                     loss = self.loss(self.ddp(images), targets)
-                    (loss / self.accum_steps).backward()
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"loss is {loss.item()} at epoch {self.epoch + 1}, batch {index}; "
-                                       f"{self.out / 'checkpoint.pth'} holds the last good epoch")
+                if not finite_on_all_ranks(loss, self.dist.world_size):
+                    raise TrainingDiverged(f"loss is {loss.item()} at epoch {self.epoch + 1}, batch {index}; "
+                                           f"{self.out / 'checkpoint.pth'} holds the last good epoch")
+                (loss / self.accum_steps).backward()
             if boundary:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
