@@ -146,11 +146,11 @@ def run_environment(device: Any = "cpu") -> dict[str, Any]:
     }
 
 
-def checkpoint_fields(path: str | os.PathLike, metadata: Any = None) -> dict[str, Any]:
-    """Checkpoint path, sha256 and what its metadata (a ``CheckpointMetadata``, e.g. ``LoadReport.metadata``)
-    says: method, arch, pretraining epochs and GPU-days, for a record."""
+def checkpoint_fields(path: str | os.PathLike, metadata: Any = None, sha256: str | None = None) -> dict[str, Any]:
+    """Checkpoint path, sha256 (computed unless given) and what its metadata (a ``CheckpointMetadata``, e.g.
+    ``LoadReport.metadata``) says: method, arch, pretraining epochs and GPU-days, for a record."""
     path = Path(path)
-    found: dict[str, Any] = {"checkpoint": str(path), "checkpoint_sha256": file_sha256(path)}
+    found: dict[str, Any] = {"checkpoint": str(path), "checkpoint_sha256": sha256 or file_sha256(path)}
     if metadata is not None:
         cost = metadata.extra.get("cost", {}) if isinstance(metadata.extra, dict) else {}
         found.update(method=metadata.method, arch=metadata.arch, pretrain_epochs=metadata.epochs,

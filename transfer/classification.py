@@ -14,19 +14,21 @@ for ImageNet):
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import ConcatDataset
 
 from mimbench.backbones.checkpoint import backbone_from_checkpoint
 from mimbench.pretrain.engine import init_distributed, peak_memory_gb
 from mimbench.results import Result, append_result, checkpoint_fields, file_sha256, run_environment
-from mimbench.transfer.datasets import DATASETS, DatasetError, DatasetSpec, build_dataset, collate_readable
+from mimbench.transfer.datasets import (DATASETS, DatasetError, DatasetSpec, LabelledImages, build_dataset,
+                                        collate_readable)
 from mimbench.transfer.features import FeatureCache, extract_features, probe_transform
 from mimbench.transfer.finetune import (RECIPES, FinetuneConfig, FinetuneRun, build_classifier, eval_transform,
                                         train_transform)
@@ -96,18 +98,22 @@ def run_classification(config: ClassificationConfig, finetune_overrides: dict[st
     if config.dataset not in DATASETS:
         raise DatasetError(f"unknown dataset {config.dataset!r}; known: {', '.join(DATASETS)}")
     spec = DATASETS[config.dataset]
-    build_dataset(config.dataset, config.data_root, "test")  # a missing dataset stops here, before any work
+
+    @functools.cache  # each split is read (its folders scanned) once, whatever the grid
+    def split(name: str) -> LabelledImages:
+        return build_dataset(spec.name, config.data_root, name, seed=config.seed)
+
+    split("test")  # a missing dataset stops here, before any work
     tags = parse_tags(config.tags)
     started = time.perf_counter()
     checkpoint_sha256 = file_sha256(config.ckpt)
     out = run_directory(config, checkpoint_sha256)
     if config.protocol == "linear":
-        metrics, details, device, report = linear_probe(config, spec, checkpoint_sha256)
+        metrics, details, device, report = linear_probe(config, spec, split, checkpoint_sha256)
         is_main = True
     else:
-        metrics, details, device, report, is_main = finetune(config, spec, out, finetune_overrides or {})
-    found = checkpoint_fields(config.ckpt, report.metadata)
-    found["checkpoint_sha256"] = checkpoint_sha256
+        metrics, details, device, report, is_main = finetune(config, spec, split, out, finetune_overrides or {})
+    found = checkpoint_fields(config.ckpt, report.metadata, checkpoint_sha256)
     if config.method:
         found["method"] = config.method
     found.setdefault("arch", config.arch or details.get("arch"))
@@ -124,8 +130,14 @@ def run_classification(config: ClassificationConfig, finetune_overrides: dict[st
 # ----------------------------------------------------------------------------------------------- linear
 
 
-def linear_probe(config: ClassificationConfig, spec: DatasetSpec, checkpoint_sha256: str
-                 ) -> tuple[dict[str, float], dict[str, Any], torch.device, Any]:
+def with_transform(dataset: LabelledImages, transform: Callable) -> LabelledImages:
+    """The split with ``transform`` applied to its images (a split keeps one role: train or evaluation)."""
+    dataset.transform = transform
+    return dataset
+
+
+def linear_probe(config: ClassificationConfig, spec: DatasetSpec, split: Callable[[str], LabelledImages],
+                 checkpoint_sha256: str) -> tuple[dict[str, float], dict[str, Any], torch.device, Any]:
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, report = backbone_from_checkpoint(config.ckpt, arch=config.arch, which=config.which)
     print(report.summary(), flush=True)
@@ -133,15 +145,15 @@ def linear_probe(config: ClassificationConfig, spec: DatasetSpec, checkpoint_sha
     transform = probe_transform(image_size)
     cache = FeatureCache(config.cache_dir)
     splits, hits = {}, []
-    for split in ("train", "val", "test"):
-        dataset = build_dataset(spec.name, config.data_root, split, transform=transform, seed=config.seed)
+    for name in ("train", "val", "test"):
+        dataset = with_transform(split(name), transform)
         description = dict(checkpoint_sha256=checkpoint_sha256, which=config.which, dataset=spec.name,
                            data_root=str(Path(config.data_root).resolve()) if config.data_root else None,
-                           split=split, split_seed=config.seed, images=len(dataset), transform=repr(transform),
+                           split=name, split_seed=config.seed, images=len(dataset), transform=repr(transform),
                            pool=config.pool)
         features, targets, hit = cache.get_or_extract(description, lambda: extract_features(
             model, dataset, config.pool, config.batch_size, device, config.num_workers, collate_readable))
-        splits[split] = (features.to(device), targets.to(device))
+        splits[name] = (features.to(device), targets.to(device))
         hits.append(hit)
     print(f"features: {'cache' if all(hits) else 'extracted'} ({config.cache_dir}); "
           f"train {len(splits['train'][0])}, val {len(splits['val'][0])}, test {len(splits['test'][0])}", flush=True)
@@ -157,25 +169,23 @@ def linear_probe(config: ClassificationConfig, spec: DatasetSpec, checkpoint_sha
 # --------------------------------------------------------------------------------------------- finetune
 
 
-def finetune(config: ClassificationConfig, spec: DatasetSpec, out: Path, overrides: dict[str, Any]
-             ) -> tuple[dict[str, float], dict[str, Any], torch.device, Any, bool]:
+def finetune(config: ClassificationConfig, spec: DatasetSpec, split: Callable[[str], LabelledImages], out: Path,
+             overrides: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any], torch.device, Any, bool]:
     distributed = init_distributed(config.device)
     recipe = config.recipe or default_recipe(spec.name, config.protocol)
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
     base = replace(FinetuneConfig(**RECIPES[recipe]), seed=config.seed, device=config.device, **overrides)
 
-    def build(run_config: FinetuneConfig, train_split: str, eval_split: str, run_out: Path) -> FinetuneRun:
+    def build(run_config: FinetuneConfig, train_split: str, eval_split: str, run_out: Path
+              ) -> tuple[FinetuneRun, Any]:
         model, report = build_classifier(config.ckpt, spec.num_classes, run_config, arch=config.arch)
         size = model.patch_embed.img_size[0]
-        train_set = build_dataset(spec.name, config.data_root, train_split, train_transform(run_config, size),
-                                  seed=config.seed)
-        eval_set = build_dataset(spec.name, config.data_root, eval_split, eval_transform(run_config, size),
-                                 seed=config.seed)
+        train_set = with_transform(split(train_split), train_transform(run_config, size))
+        eval_set = with_transform(split(eval_split), eval_transform(run_config, size))
         run = FinetuneRun(run_config, model, train_set, eval_set, spec.metric, spec.multilabel, run_out,
                           distributed, collate_fn=collate_readable)
-        run.report = report
-        return run
+        return run, report
 
     # Grid on the transfer sets (train -> val), unless the recipe is ImageNet's or the grid has one point.
     recipe_lrs, recipe_wds = GRIDS.get(recipe, ([base.base_lr], [base.weight_decay]))
@@ -190,7 +200,7 @@ def finetune(config: ClassificationConfig, spec: DatasetSpec, out: Path, overrid
             name = f"lr{lr:g}_wd{wd:g}"
             if distributed.is_main:
                 print(f"grid {name}: train -> val", flush=True)
-            val_scores[name] = build(run_config, "train", "val", out / "grid" / name).train()["score"]
+            val_scores[name] = build(run_config, "train", "val", out / "grid" / name)[0].train()["score"]
         best_name = max(val_scores, key=lambda name: val_scores[name])  # first of equals: the smaller lr
         best_lr, best_wd = grid[list(val_scores).index(best_name)]
     else:
@@ -198,14 +208,14 @@ def finetune(config: ClassificationConfig, spec: DatasetSpec, out: Path, overrid
     base = replace(base, base_lr=best_lr, weight_decay=best_wd)
     if distributed.is_main:
         print(f"final: trainval -> test (base lr {base.base_lr:g}, wd {base.weight_decay:g})", flush=True)
-    run = build(base, "trainval", "test", out / "final")  # ImageNet: trainval is the official train
+    run, report = build(base, "trainval", "test", out / "final")  # ImageNet: trainval is the official train
     if distributed.is_main:
-        print(run.report.summary(), flush=True)
+        print(report.summary(), flush=True)
     final = run.train()
     metrics = {spec.metric: final["score"]}
     if val_scores:
         metrics[f"val_{spec.metric}"] = max(val_scores.values())
-    details = {"arch": run.model.arch if hasattr(run.model, "arch") else None, "recipe": recipe,
+    details = {"arch": run.model.arch, "recipe": recipe,
                "finetune": asdict(base), "grid_val_scores": val_scores, "history": final["history"],
                "effective_batch": final["effective_batch"], "processes": distributed.world_size, "out": str(out)}
-    return metrics, details, distributed.device, run.report, distributed.is_main
+    return metrics, details, distributed.device, report, distributed.is_main
