@@ -1,10 +1,13 @@
-"""Command-line flags generated from config dataclasses: configs stay data, the command line follows them."""
+"""Command-line helpers: flags generated from config dataclasses (configs stay data, the command line follows
+them), and one way for an entry point to report an expected failure."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import typing
+from collections.abc import Callable
 
 
 def add_dataclass_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, config_class: type,
@@ -26,3 +29,14 @@ def add_dataclass_flags(parser: argparse.ArgumentParser | argparse._ArgumentGrou
             parser.add_argument(flag, type=element, nargs="*", default=None)
         else:
             parser.add_argument(flag, type=kind if kind in (int, float, str) else str, default=None)
+
+
+def exit_status(action: Callable[[], object], expected: tuple[type[BaseException], ...]) -> int:
+    """Run ``action``: 0, or 1 after one ``error:`` line on stderr for an expected failure (bad input, a
+    diverged run); anything else is a bug and keeps its traceback."""
+    try:
+        action()
+    except expected as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0

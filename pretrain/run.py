@@ -17,7 +17,7 @@ import dataclasses
 import sys
 from typing import Any
 
-from mimbench.flags import add_dataclass_flags
+from mimbench.flags import add_dataclass_flags, exit_status
 
 # Small ViTs for the embedded data: a matching small decoder and a CPU-sized schedule.
 EMBEDDED_DEFAULTS: dict[str, Any] = dict(arch="vit_tiny_patch4_32", epochs=10, warmup_epochs=2, batch_size=64,
@@ -65,12 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     from mimbench.pretrain.engine import Trainer, TrainingDiverged
 
     config = parse_args(argv)
-    try:
-        Trainer(config).train()
-    except (DatasetError, CheckpointError, TrainingDiverged, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return exit_status(lambda: Trainer(config).train(), (DatasetError, CheckpointError, TrainingDiverged, ValueError))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """Shared fixtures."""
 
+import socket
+
 import pytest
 import torch
 
@@ -11,3 +13,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port nobody listens on, for a torchrun rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

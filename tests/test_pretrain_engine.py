@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -110,17 +109,11 @@ def test_missing_data_root_is_one_clear_line(tmp_path, capsys):
     assert err.startswith("error: ") and str(tmp_path / "imagenet") in err and "\n" not in err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_gloo_processes_equal_one_process_with_accumulation(tmp_path):
+def test_two_gloo_processes_equal_one_process_with_accumulation(tmp_path, free_port):
     """torchrun with 2 processes x batch b gives the update of 1 process x batch b x 2 accumulation steps."""
     common = ["--method", "mae", *TINY_RUN, "--epochs", "1", "--samples-per-epoch", "16", "--batch-size", "4"]
     subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port),
          str(ROOT / "pretrain" / "run.py"), *common, "--out", str(tmp_path / "ddp")],
         env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True, capture_output=True, timeout=600)
     assert main([*common, "--accum-steps", "2", "--out", str(tmp_path / "single")]) == 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -212,16 +211,10 @@ def test_other_tasks_and_bad_flags_say_what_is_wrong(checkpoint, capsys):
     assert "--layer-decay" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_gloo_processes_fine_tune_and_write_one_record(tmp_path, checkpoint):
+def test_two_gloo_processes_fine_tune_and_write_one_record(tmp_path, checkpoint, free_port):
     store = tmp_path / "results.jsonl"
     subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port),
          str(ROOT / "transfer" / "run.py"), "digits", "--ckpt", str(checkpoint), "--protocol", "finetune",
          "--epochs", "2", "--batch-size", "32", "--base-lr", "0.003", "--results", str(store),
          "--out", str(tmp_path / "ddp")],

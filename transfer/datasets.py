@@ -498,7 +498,7 @@ def build_dataset(name: str, root: str | os.PathLike | None, split: str, transfo
         except FileNotFoundError as error:  # torchvision reading a split or label file, ImageFolder finding no image
             raise _unusable(spec, root_path, f"missing {error.filename}" if error.filename else str(error)) from None
         except RuntimeError as error:
-            # torchvision's own presence checks; the part about download=True does not apply here.
+            # torchvision's own presence checks; our message replaces its advice on fetching the files.
             if not str(error).startswith(("Dataset not found", "Dataset metadata file not found")):
                 raise
             raise _unusable(spec, root_path, "the layout is incomplete") from None

@@ -63,8 +63,7 @@ def extract_features(model: nn.Module, dataset: Dataset, pool: str, batch_size: 
     dtype = autocast_dtype(device)
     model.eval().to(device)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=collate_fn, pin_memory=device.type == "cuda",
-                        persistent_workers=False)
+                        collate_fn=collate_fn, pin_memory=device.type == "cuda")
     features, targets = [], []
     for batch in tqdm(loader, desc="features", disable=not progress, leave=False):
         if batch is None:  # every image of the batch was unreadable (each one already reported by path)

@@ -18,7 +18,7 @@ import dataclasses
 import sys
 from typing import Any
 
-from mimbench.flags import add_dataclass_flags
+from mimbench.flags import add_dataclass_flags, exit_status
 
 # Tasks served by other adapters, named here so that a user learns where they stand.
 OTHER_TASKS = {"coco": "Detectron2 Mask R-CNN", "ade20k": "mmsegmentation UperNet"}
@@ -59,12 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     from mimbench.transfer.datasets import DatasetError
 
     config, finetune = parse_args(argv)
-    try:
-        run_classification(config, finetune)
-    except (DatasetError, CheckpointError, TrainingDiverged, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return exit_status(lambda: run_classification(config, finetune),
+                       (DatasetError, CheckpointError, TrainingDiverged, ValueError))
 
 
 if __name__ == "__main__":
