@@ -12,10 +12,11 @@ SETUP  := $(VENV)/.setup-done
 
 setup: $(SETUP)
 
-$(SETUP): pyproject.toml
+$(SETUP): pyproject.toml transfer/install_detectron2.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,coco]'
+	transfer/install_detectron2.sh $(BIN)/python
 	touch $@
 
 # Backbones and the loader, then MAE, RC-MAE and MixedAE pretraining of the same small ViT on the bundled

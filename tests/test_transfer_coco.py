@@ -1,0 +1,210 @@
+"""COCO adapter: ViTDet Mask R-CNN on our backbones through Detectron2 — loading, evaluation, a short training run."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pycocotools.mask as mask_util
+import pytest
+import torch
+import torch.nn as nn
+from detectron2.data import DatasetCatalog
+from detectron2.structures import Boxes, BoxMode, Instances
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from mimbench.backbones.checkpoint import CheckpointError, CheckpointMetadata, save_backbone
+from mimbench.backbones.vit import create_backbone
+from mimbench.results import file_sha256, read_results
+from mimbench.transfer.coco import (PRESETS, CocoConfig, CocoRunError, build_detector, evaluate, load_encoder,
+                                    register_splits, resolve_preset, run_coco, store_metrics)
+from mimbench.transfer.coco_data import CocoDataError, coco_layout, write_embedded_coco
+from mimbench.transfer.run import main
+from mimbench.transfer.scenes import CATEGORIES, make_scene
+
+TINY = "vit_tiny_patch4_32"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny_mae.safetensors"
+    return save_backbone(path, create_backbone(TINY), CheckpointMetadata(method="mae", arch=TINY, epochs=3.0))
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory) -> Path:
+    return write_embedded_coco(tmp_path_factory.mktemp("coco") / "data", image_size=64)
+
+
+def test_detector_backbone_equals_the_checkpoint(checkpoint):
+    model = build_detector(TINY, PRESETS["embedded_cpu"], num_classes=len(CATEGORIES))
+    report = load_encoder(model.backbone.net, str(checkpoint), TINY)
+    assert report.encoder_fraction == 1.0
+    reference = create_backbone(TINY)
+    reference.load_state_dict(save_backbone_weights(checkpoint))
+    net = model.backbone.net.state_dict()
+    compared = [k for k in net if ".rel_pos_" not in k]
+    assert len(compared) == len(reference.state_dict()) - 3  # all but the class token and the final norm
+    for key in compared:
+        torch.testing.assert_close(net[key], reference.state_dict()[key], rtol=0, atol=0)
+    # The relative position tables are ViTDet's own, zero at the start; 2 per block.
+    assert sum(".rel_pos_" in k for k in net) == 2 * 12 and all(net[k].abs().sum() == 0 for k in net if "rel_pos" in k)
+    # The pyramid gives strides 4, 8 and the max-pooled 16 for a patch-4 ViT.
+    assert model.backbone.output_shape()["p2"].stride == 4 and model.backbone.output_shape()["p4"].stride == 16
+
+
+def save_backbone_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    return load_file(str(path))
+
+
+def test_wrong_checkpoints_fail_loudly(tmp_path, checkpoint):
+    model = build_detector(TINY, PRESETS["embedded_cpu"], num_classes=4)
+    other = save_backbone(tmp_path / "small.safetensors", create_backbone("vit_tiny_patch8_64", embed_dim=96,
+                                                                          num_heads=3),
+                          CheckpointMetadata(method="mae", arch="vit_tiny_patch8_64"))
+    with pytest.raises(CheckpointError, match="another architecture"):
+        load_encoder(model.backbone.net, str(other), TINY)
+    weights = {k: v for k, v in save_backbone_weights(checkpoint).items() if not k.startswith("blocks.11.")}
+    partial = save_backbone(tmp_path / "partial.safetensors", weights, CheckpointMetadata(method="mae", arch=TINY))
+    with pytest.raises(CheckpointError, match=r"provides only 9\d\.\d% of the"):
+        load_encoder(model.backbone.net, str(partial), TINY)
+    with pytest.raises(CocoRunError, match="cannot give the pyramid strides"):
+        build_detector(TINY, PRESETS["vitdet_b_100ep"], num_classes=80)  # patch 4 cannot reach stride 32
+
+
+def test_vitdet_preset_is_the_paper_protocol():
+    preset = PRESETS["vitdet_b_100ep"]
+    assert (preset.image_size, preset.batch_size, preset.max_iter) == (1024, 64, 184375)
+    assert (preset.lr, preset.weight_decay, preset.layer_decay, preset.drop_path) == (1e-4, 0.1, 0.7, 0.1)
+    model = build_detector("vit_base_patch16_224", preset, num_classes=80)
+    net = model.backbone.net
+    assert [i for i, block in enumerate(net.blocks) if block.window_size == 0] == [2, 5, 8, 11]
+    assert [s.stride for s in model.backbone.output_shape().values()] == [4, 8, 16, 32, 64]
+    # Another batch keeps the 100 epochs and scales the lr linearly (here 16 images: 4x the iterations).
+    _, scaled = resolve_preset(CocoConfig(ckpt="x", data_root="y", batch_size=16))
+    assert scaled.max_iter == 4 * 184375 and scaled.lr == pytest.approx(2.5e-5)
+    assert scaled.lr_steps == (4 * 163889, 4 * 177546)
+
+
+def test_embedded_set_has_exact_masks_and_tight_boxes(embedded):
+    splits = coco_layout(embedded)
+    coco = COCO(str(splits["val2017"].json_file))
+    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == list(CATEGORIES)
+    assert len(coco.getImgIds()) == 64 and len(list(splits["val2017"].image_root.glob("*.png"))) == 64
+    first_val_scene = 320 + 1  # val scenes follow the 320 train scenes
+    scene = make_scene(first_val_scene, size=64)
+    annotations = coco.loadAnns(coco.getAnnIds(imgIds=[1]))
+    assert [a["category_id"] - 1 for a in annotations] == scene.categories
+    for annotation, mask in zip(annotations, scene.masks):
+        np.testing.assert_array_equal(coco.annToMask(annotation).astype(bool), mask)
+        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+        assert annotation["bbox"] == [cols[0], rows[0], cols[-1] - cols[0] + 1, rows[-1] - rows[0] + 1]
+        assert annotation["area"] == mask.sum()
+    train_images = {p.read_bytes() for p in splits["train2017"].image_root.glob("*.png")}
+    assert not train_images & {p.read_bytes() for p in splits["val2017"].image_root.glob("*.png")}
+
+
+def test_missing_layout_names_the_expected_files(tmp_path):
+    with pytest.raises(CocoDataError, match=r"instances_\{train,val\}2017\.json.*--embedded"):
+        coco_layout(tmp_path / "nowhere")
+    (tmp_path / "annotations").mkdir()
+    with pytest.raises(CocoDataError, match=r"lacks .*instances_train2017\.json, .*train2017.*expected"):
+        coco_layout(tmp_path)
+
+
+class GroundTruthAsPredictions(nn.Module):
+    """A 'detector' that answers each image with its annotations, optionally perturbed."""
+
+    def __init__(self, dataset: list[dict], shift: float = 0.0, drop_every: int = 0) -> None:
+        super().__init__()
+        self.by_file = {record["file_name"]: record for record in dataset}
+        self.shift, self.drop_every = shift, drop_every
+
+    def forward(self, inputs: list[dict]) -> list[dict]:
+        outputs = []
+        for item in inputs:
+            record = self.by_file[item["file_name"]]
+            kept = [a for i, a in enumerate(record["annotations"]) if not (self.drop_every and i % self.drop_every == 1)]
+            height, width = record["height"], record["width"]
+            boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in kept]
+            instances = Instances((height, width))
+            instances.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4) + self.shift)
+            instances.scores = torch.linspace(1.0, 0.5, len(kept))
+            instances.pred_classes = torch.tensor([a["category_id"] for a in kept], dtype=torch.int64)
+            masks = [mask_util.decode(a["segmentation"]) for a in kept]
+            instances.pred_masks = torch.from_numpy(np.stack(masks).astype(bool)) if masks else \
+                torch.zeros((0, height, width), dtype=torch.bool)
+            outputs.append({"instances": instances})
+        return outputs
+
+
+def test_ground_truth_as_predictions_scores_100_and_a_perturbation_matches_pycocotools(tmp_path, embedded):
+    config = CocoConfig(ckpt="unused", embedded=True, embedded_dir=str(embedded))
+    _, val_name = register_splits(config)
+    dataset = copy.deepcopy(DatasetCatalog.get(val_name))
+    preset = PRESETS["embedded_cpu"]
+
+    perfect = store_metrics(evaluate(GroundTruthAsPredictions(dataset), val_name, preset, tmp_path / "gt", 0))
+    for task in ("bbox", "segm"):
+        for name in ("AP", "AP50", "AP75"):
+            assert perfect[f"{name}_{task}"] == pytest.approx(100.0)
+
+    # Boxes shifted by 3 px and every other detection dropped from images with several objects.
+    out = tmp_path / "perturbed"
+    perturbed = store_metrics(evaluate(GroundTruthAsPredictions(dataset, shift=3.0, drop_every=2), val_name, preset,
+                                       out, 0))
+    predictions = json.loads((out / "inference" / "coco_instances_results.json").read_text())
+    ground_truth = COCO(str(coco_layout(embedded)["val2017"].json_file))
+    for task in ("bbox", "segm"):
+        evaluation = COCOeval(ground_truth, ground_truth.loadRes(predictions), task)
+        evaluation.evaluate(), evaluation.accumulate(), evaluation.summarize()
+        assert perturbed[f"AP_{task}"] == pytest.approx(100 * evaluation.stats[0], abs=1e-3)
+        assert perturbed[f"AP50_{task}"] == pytest.approx(100 * evaluation.stats[1], abs=1e-3)
+    assert perturbed["AP_bbox"] < 90 and perturbed["AP_segm"] < 100  # the perturbation costs AP
+
+
+def test_entry_point_requires_data_choice_and_reports_missing_layout(tmp_path, capsys, checkpoint):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["coco", "--ckpt", str(checkpoint)])
+    assert exit_info.value.code == 2 and "--data-root DIR" in capsys.readouterr().err
+    assert main(["coco", "--ckpt", str(checkpoint), "--data-root", str(tmp_path / "coco")]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("error: COCO data root") and "instances_{train,val}2017.json" in error
+
+
+# Measured on this 2-core CPU (random-init tiny ViT, 60 iterations, about 1.5 s each): total loss 2.3 -> ...,
+# AP50_bbox ...
+def test_short_training_learns_and_resumes(tmp_path, checkpoint, embedded, one_thread):
+    store = tmp_path / "results.jsonl"
+    config = CocoConfig(ckpt=str(checkpoint), embedded=True, embedded_dir=str(embedded), out=str(tmp_path / "run"),
+                        max_iter=40, num_workers=0, results=str(store), visualize=2)
+    first = run_coco(config)
+    curve = json.loads((tmp_path / "run" / "loss_curve.json").read_text())
+    assert [point["iteration"] for point in curve] == [19, 39]
+
+    with pytest.raises(CocoRunError, match="holds a run already"):
+        run_coco(config)
+    second = run_coco(CocoConfig(**{**config.__dict__, "max_iter": 60, "resume": True}))
+    curve = json.loads((tmp_path / "run" / "loss_curve.json").read_text())
+    assert [point["iteration"] for point in curve] == [19, 39, 59]  # continued at 40, not from 0
+    assert curve[-1]["total_loss"] < curve[0]["total_loss"]
+    assert second.metrics["AP50_bbox"] > 0.0
+
+    records, malformed = read_results(store)
+    assert malformed == [] and len(records) == 2
+    record = records[-1]
+    assert (record.task, record.dataset, record.protocol, record.metric) == \
+        ("detection", "coco-embedded", "mask-rcnn", "AP_bbox")
+    assert {"AP_bbox", "AP50_bbox", "AP75_bbox", "AP_segm", "AP50_segm", "AP75_segm"} <= set(record.metrics)
+    assert record.checkpoint_sha256 == file_sha256(checkpoint) and record.method == "mae" and record.arch == TINY
+    assert record.config["preset"]["max_iter"] == 60 and first.config["preset"]["max_iter"] == 40
+    assert len(list((tmp_path / "run" / "visualizations").glob("*.png"))) == 2
+
+    # --eval-only scores the trained detector again: the same numbers.
+    again = run_coco(CocoConfig(**{**config.__dict__, "eval_only": True}))
+    assert again.metrics == pytest.approx(second.metrics)
