@@ -12,11 +12,11 @@ SETUP  := $(VENV)/.setup-done
 
 setup: $(SETUP)
 
-$(SETUP): pyproject.toml transfer/install_detectron2.sh
+$(SETUP): pyproject.toml transfer/install_frameworks.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e '.[test,coco]'
-	transfer/install_detectron2.sh $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test,coco,ade20k]'
+	transfer/install_frameworks.sh $(BIN)/python
 	touch $@
 
 # Backbones and the loader, then MAE, RC-MAE and MixedAE pretraining of the same small ViT on the bundled
