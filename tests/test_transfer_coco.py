@@ -145,7 +145,7 @@ class GroundTruthAsPredictions(nn.Module):
 
 
 def test_ground_truth_as_predictions_scores_100_and_a_perturbation_matches_pycocotools(tmp_path, embedded):
-    config = CocoConfig(ckpt="unused", embedded=True, embedded_dir=str(embedded))
+    config = CocoConfig(ckpt="unused", embedded=True, embedded_root=str(embedded))
     _, val_name = register_splits(config)
     dataset = copy.deepcopy(DatasetCatalog.get(val_name))
     preset = PRESETS["embedded_cpu"]
@@ -183,7 +183,7 @@ def test_entry_point_requires_data_choice_and_reports_missing_layout(tmp_path, c
 # iterations from the demo's 3-epoch MAE encoder.
 def test_short_training_learns_and_resumes(tmp_path, checkpoint, embedded, one_thread):
     store = tmp_path / "results.jsonl"
-    config = CocoConfig(ckpt=str(checkpoint), embedded=True, embedded_dir=str(embedded), out=str(tmp_path / "run"),
+    config = CocoConfig(ckpt=str(checkpoint), embedded=True, embedded_root=str(embedded), out=str(tmp_path / "run"),
                         max_iter=40, num_workers=0, results=str(store), visualize=2)
     first = run_coco(config)
     curve = json.loads((tmp_path / "run" / "loss_curve.json").read_text())
@@ -215,7 +215,7 @@ def test_short_training_learns_and_resumes(tmp_path, checkpoint, embedded, one_t
 def test_two_gloo_processes_through_detectron2s_launcher(tmp_path, checkpoint, embedded, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two workers on two cores
     store = tmp_path / "results.jsonl"
-    argv = ["coco", "--ckpt", str(checkpoint), "--embedded", "--embedded-dir", str(embedded), "--out",
+    argv = ["coco", "--ckpt", str(checkpoint), "--embedded", "--embedded-root", str(embedded), "--out",
             str(tmp_path / "ddp"), "--max-iter", "4", "--num-gpus", "2", "--num-workers", "0", "--visualize", "0",
             "--results", str(store)]
     assert main(argv) == 0

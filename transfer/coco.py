@@ -124,7 +124,7 @@ class CocoConfig:
     eval_only: bool = False
     weights: str | None = None  # --eval-only: a trained detector (default <out>/model_final.pth)
     resume: bool = False  # continue the run in --out from its last checkpoint
-    embedded_dir: str = "runs/data/coco-embedded"  # where --embedded generates its set (once)
+    embedded_root: str = "runs/datasets/coco-embedded"  # where --embedded generates its set (once)
     num_gpus: int = 1  # processes per machine (Detectron2's launcher; GPUs when there are, else gloo on CPU)
     num_machines: int = 1
     machine_rank: int = 0
@@ -237,7 +237,7 @@ class CPUAutocastTrainer(SimpleTrainer):
 def register_splits(config: CocoConfig) -> tuple[str, str]:
     """Register train and val with Detectron2's catalog (once per name) and return their names."""
     if config.embedded:
-        root = Path(config.embedded_dir)
+        root = Path(config.embedded_root)
         if comm.is_main_process():
             write_embedded_coco(root, image_size=PRESETS["embedded_cpu"].image_size)
         comm.synchronize()
