@@ -18,6 +18,7 @@ from mimbench.backbones.checkpoint import CheckpointError, CheckpointMetadata, s
 from mimbench.backbones.vit import create_backbone  # noqa: E402
 from mimbench.results import file_sha256, read_results  # noqa: E402
 from mimbench.transfer import mmseg_compat  # noqa: E402
+from mimbench.transfer.run import main as run_main  # noqa: E402
 
 ARCH = "vit_tiny_patch8_64"
 # A 64² crop keeps the tiny ViT at its pretraining size (8×8 tokens, pos_embed unchanged) and the runs short.
@@ -174,7 +175,8 @@ def test_labels_outside_range_are_reported_by_file(tmp_path, checkpoint, capsys)
 
 def test_missing_layout_and_missing_data_flags_are_explained(tmp_path, checkpoint, capsys):
     (tmp_path / "ade" / "images" / "training").mkdir(parents=True)
-    assert ade20k.main(["--ckpt", str(checkpoint), "--data-root", str(tmp_path / "ade")]) == 1
+    # through the entry point, as users call it
+    assert run_main(["ade20k", "--ckpt", str(checkpoint), "--data-root", str(tmp_path / "ade")]) == 1
     error = capsys.readouterr().err
     assert "expected images/training, images/validation, annotations/training, annotations/validation" in error
     assert "missing images/validation, annotations/training, annotations/validation" in error
