@@ -101,9 +101,10 @@ PRESETS: dict[str, SegmentationPreset] = {
     # The paper protocol (MAE / BEiT / MixedAE ADE20K): 512² crops, 160k iterations of batch 16, AdamW 1e-4,
     # layer decay 0.65, drop path 0.1, AMP, slide inference.
     "upernet_vitb_160k": SegmentationPreset(),
-    # The embedded scenes on a CPU: 128² images, whole-image inference, a narrow head, fp32 (see README).
+    # The embedded scenes on a CPU: 64² images (16×16 tokens for the demo's patch-4 ViTs, as the COCO preset),
+    # whole-image inference, a narrow head, fp32 (see README).
     "embedded_cpu": SegmentationPreset(
-        crop_size=128, resize_scale=(512, 128), ratio_range=(0.75, 1.5), photometric=False, max_iters=100,
+        crop_size=64, resize_scale=(256, 64), ratio_range=(0.75, 1.5), photometric=False, max_iters=100,
         batch_size=4, lr=4e-4, layer_decay=0.75, drop_path_rate=0.0, warmup_iters=10, head_channels=64,
         aux_channels=32, amp="none", test_mode="whole", val_interval=10**9, checkpoint_interval=50,
         log_interval=10, num_workers=0),
@@ -114,7 +115,7 @@ PRESETS: dict[str, SegmentationPreset] = {
 class EmbeddedSet:
     """The generated ADE-format set: ``train``/``val`` scenes of ``size``² from scene set ``seed``."""
 
-    size: int = 128
+    size: int = 64
     train: int = 200
     val: int = 50
     seed: int = 0
