@@ -22,7 +22,6 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import detectron2
 import numpy as np
