@@ -146,13 +146,22 @@ def run_environment(device: Any = "cpu") -> dict[str, Any]:
     }
 
 
-def checkpoint_fields(path: str | os.PathLike, metadata: Any = None, sha256: str | None = None) -> dict[str, Any]:
+def checkpoint_fields(path: str | os.PathLike, metadata: Any = None, sha256: str | None = None,
+                      method: str | None = None, arch: str | None = None) -> dict[str, Any]:
     """Checkpoint path, sha256 (computed unless given) and what its metadata (a ``CheckpointMetadata``, e.g.
-    ``LoadReport.metadata``) says: method, arch, pretraining epochs and GPU-days, for a record."""
+    ``LoadReport.metadata``) says: method, arch, pretraining epochs and GPU-days, for a record.
+
+    ``method`` (the user's ``--method``, e.g. for a foreign checkpoint without metadata) wins over the
+    metadata's; ``arch`` (the architecture the run built) fills in where the metadata names none.
+    """
     path = Path(path)
     found: dict[str, Any] = {"checkpoint": str(path), "checkpoint_sha256": sha256 or file_sha256(path)}
     if metadata is not None:
         cost = metadata.extra.get("cost", {}) if isinstance(metadata.extra, dict) else {}
         found.update(method=metadata.method, arch=metadata.arch, pretrain_epochs=metadata.epochs,
                      pretrain_gpu_days=cost.get("gpu_days"))
+    if method:
+        found["method"] = method
+    if arch and not found.get("arch"):
+        found["arch"] = arch
     return found

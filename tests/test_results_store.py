@@ -96,6 +96,11 @@ def test_checkpoint_fields_come_from_the_metadata(tmp_path):
     assert len(found["checkpoint_sha256"]) == 64
     assert checkpoint_fields(path)["checkpoint_sha256"] == found["checkpoint_sha256"]
     assert "method" not in checkpoint_fields(path)
+    # a user's --method wins; the built arch fills in only where the metadata names none
+    overridden = checkpoint_fields(path, metadata, method="rcmae", arch="vit_base_patch16_224")
+    assert (overridden["method"], overridden["arch"]) == ("rcmae", "vit_tiny_patch4_32")
+    foreign = checkpoint_fields(path, method="mae", arch="vit_base_patch16_224")
+    assert (foreign["method"], foreign["arch"]) == ("mae", "vit_base_patch16_224")
 
 
 def test_run_environment_names_device_and_date():

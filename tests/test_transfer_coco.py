@@ -212,14 +212,17 @@ def test_short_training_learns_and_resumes(tmp_path, checkpoint, embedded, one_t
     assert again.metrics == pytest.approx(second.metrics)
 
 
-def test_two_gloo_processes_through_detectron2s_launcher(tmp_path, checkpoint, embedded, monkeypatch):
+def test_two_gloo_processes_through_detectron2s_launcher(tmp_path, embedded, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two workers on two cores
     store = tmp_path / "results.jsonl"
-    argv = ["coco", "--ckpt", str(checkpoint), "--embedded", "--embedded-root", str(embedded), "--out",
+    foreign = tmp_path / "timm_vit.pth"  # a plain timm state dict: no metadata, so --method names the method
+    torch.save(create_backbone(TINY).state_dict(), foreign)
+    argv = ["coco", "--ckpt", str(foreign), "--method", "mae", "--embedded", "--embedded-root", str(embedded), "--out",
             str(tmp_path / "ddp"), "--max-iter", "4", "--num-gpus", "2", "--num-workers", "0", "--visualize", "0",
             "--results", str(store)]
     assert main(argv) == 0
     records, _ = read_results(store)
     (record,) = records  # one record, written by rank 0
     assert record.config["processes"] == 2 and record.config["preset"]["batch_size"] == 4
+    assert (record.method, record.arch, record.pretrain_epochs) == ("mae", TINY, None)
     assert (tmp_path / "ddp" / "model_final.pth").is_file()

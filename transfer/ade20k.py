@@ -371,6 +371,7 @@ class Ade20kOptions:
     out: str | None = None  # None: runs/transfer/ade20k/<preset>/<checkpoint>-<sha[:8]>
     which: str = "teacher"
     arch: str | None = None
+    method: str | None = None  # for foreign checkpoints without metadata (e.g. "mae")
     eval_only: bool = False
     weights: str | None = None  # --eval-only: a trained segmentor; None: the work dir's last checkpoint
     resume: bool = False
@@ -587,8 +588,7 @@ def run_ade20k(options: Ade20kOptions) -> Result | None:
                    train_loss_first=losses[0] if losses else None, train_loss_last=losses[-1] if losses else None)
     if options.embedded:
         details["embedded_set"] = asdict(options.embedded_set)
-    found = checkpoint_fields(options.ckpt, report.metadata, sha256)
-    found["arch"] = found.get("arch") or arch
+    found = checkpoint_fields(options.ckpt, report.metadata, sha256, method=options.method, arch=arch)
     result = Result(task="segmentation", dataset="ade20k-embedded" if options.embedded else "ade20k",
                     protocol="upernet", metric="mIoU", value=round(metrics["mIoU"], 2), metrics=metrics,
                     seed=preset.seed, config=details, wall_time_s=round(time.perf_counter() - started, 1),
@@ -623,6 +623,8 @@ def parse_args(argv: list[str]) -> Ade20kOptions:
     parser.add_argument("--out", help="work dir (default runs/transfer/ade20k/<preset>/<checkpoint>-<sha[:8]>)")
     parser.add_argument("--which", default="teacher", help="teacher or student, for files that hold both")
     parser.add_argument("--arch", help="architecture, where the checkpoint does not say")
+    parser.add_argument("--method", help="pretraining method for the record, where the checkpoint does not say "
+                                         "(e.g. mae for an official MAE file)")
     parser.add_argument("--eval-only", action="store_true",
                         help="score a trained segmentor (--weights, or the work dir's last checkpoint)")
     parser.add_argument("--weights", help="with --eval-only: an mmengine checkpoint of the whole segmentor")

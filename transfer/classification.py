@@ -113,10 +113,8 @@ def run_classification(config: ClassificationConfig, finetune_overrides: dict[st
         is_main = True
     else:
         metrics, details, device, report, is_main = finetune(config, spec, split, out, finetune_overrides or {})
-    found = checkpoint_fields(config.ckpt, report.metadata, checkpoint_sha256)
-    if config.method:
-        found["method"] = config.method
-    found.setdefault("arch", config.arch or details.get("arch"))
+    found = checkpoint_fields(config.ckpt, report.metadata, checkpoint_sha256, method=config.method,
+                              arch=config.arch or details.get("arch"))
     result = Result(task="classification", dataset=spec.name, protocol=config.protocol, metric=spec.metric,
                     value=round(metrics[spec.metric], 4), metrics=metrics, tags=tags, seed=config.seed,
                     config={**asdict(config), **details}, wall_time_s=round(time.perf_counter() - started, 1),

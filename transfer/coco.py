@@ -382,9 +382,7 @@ def run_coco(config: CocoConfig) -> Result | None:
         save_visualizations(model, val_name, preset, out, config.visualize)
     metrics = store_metrics(results)
     dataset = "coco-embedded" if config.embedded else "coco"
-    found = checkpoint_fields(config.ckpt, report.metadata, sha256)
-    if found["method"] is None:
-        found["method"] = config.method
+    found = checkpoint_fields(config.ckpt, report.metadata, sha256, method=config.method, arch=arch)
     result = Result(
         task="detection", dataset=dataset, protocol="mask-rcnn", metric="AP_bbox", value=metrics.get("AP_bbox", 0.0),
         metrics=metrics, seed=config.seed,
