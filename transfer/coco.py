@@ -473,21 +473,23 @@ def parse_args(argv: list[str] | None) -> CocoConfig:
     return CocoConfig(**args)
 
 
-def check_inputs(config: CocoConfig) -> None:
-    """Bad input fails here, in the launching process, with one line (not once per spawned worker)."""
+def check_inputs(config: CocoConfig) -> CocoConfig:
+    """Bad input fails here, in the launching process, with one line (not once per spawned worker); the
+    config comes back with the checkpoint's arch filled in, so the workers need not read the file for it."""
     resolve_preset(config)
     if config.data_root:
         coco_layout(config.data_root)
     if config.arch is None:  # reads the checkpoint: a missing, corrupt or foreign file fails here
-        infer_arch(config.ckpt, config.which)
+        config = dataclasses.replace(config, arch=infer_arch(config.ckpt, config.which))
+    return config
 
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
 
     def launch_run() -> None:
-        check_inputs(config)
-        launch(run_coco, config.num_gpus, num_machines=config.num_machines, machine_rank=config.machine_rank,
-               dist_url=config.dist_url, args=(config,))
+        checked = check_inputs(config)
+        launch(run_coco, checked.num_gpus, num_machines=checked.num_machines, machine_rank=checked.machine_rank,
+               dist_url=checked.dist_url, args=(checked,))
 
     return exit_status(launch_run, (CocoDataError, CocoRunError, CheckpointError, TrainingDiverged))
