@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.14.1 torchvision==0.29.1
 SETUP  := $(VENV)/.setup-done
 
-.PHONY: setup demo test tables summary clean
+.PHONY: setup demo test regression regression-update tables summary clean
 
 setup: $(SETUP)
 
@@ -19,33 +19,21 @@ $(SETUP): pyproject.toml transfer/install_frameworks.sh
 	transfer/install_frameworks.sh $(BIN)/python
 	touch $@
 
-# Backbones and the loader, then MAE, RC-MAE and MixedAE pretraining of the same small ViT on the bundled
-# photos (3 epochs each, a few minutes on a CPU), each exported encoder read back through the loader,
-# linear-probed on the bundled digits into a results store; the MixedAE encoder then trains and evaluates
-# Mask R-CNN (Detectron2) and UperNet (mmsegmentation) on the generated COCO- and ADE-format scenes; the
-# paper's tables are built from the store. A second run reuses the finished runs (and cached probe features).
-DEMO_METHODS := mae rcmae mixedae
-
+# The whole chain on the embedded data (python -m mimbench.chain, see chain.py): backbone summary and a checkpoint
+# round trip; MAE, RC-MAE and MixedAE pretraining of the same small ViT on the bundled photos; each encoder
+# linear-probed and fine-tuned on the bundled digits, trained and evaluated with Mask R-CNN (Detectron2) on the
+# generated COCO-format scenes and UperNet (mmsegmentation) on the ADE-format ones; then the tables. A second run
+# reuses every finished step; `make demo FRESH=1` starts over.
 demo: $(SETUP)
-	$(BIN)/python -m mimbench.backbones.cli demo --out runs/demo
-	@for method in $(DEMO_METHODS); do \
-	  $(BIN)/python pretrain/run.py --method $$method --embedded --epochs 3 --out runs/demo/$$method || exit 1; \
-	  $(BIN)/python -m mimbench.backbones.cli inspect runs/demo/$$method/encoder.safetensors || exit 1; \
-	done
-	@for method in $(DEMO_METHODS); do \
-	  $(BIN)/python transfer/run.py digits --ckpt runs/demo/$$method/encoder.safetensors \
-	    --results runs/demo/results.jsonl --cache-dir runs/demo/feature_cache || exit 1; \
-	done
-	test -f runs/demo/coco/mixedae/model_final.pth || $(BIN)/python transfer/run.py coco --embedded \
-	  --ckpt runs/demo/mixedae/encoder.safetensors --out runs/demo/coco/mixedae --results runs/demo/results.jsonl \
-	  --resume
-	test -f runs/demo/ade20k/mixedae/train_loss.json || $(BIN)/python transfer/run.py ade20k --embedded \
-	  --ckpt runs/demo/mixedae/encoder.safetensors --out runs/demo/ade20k/mixedae --results runs/demo/results.jsonl
-	$(BIN)/python -m mimbench.tables.build --store runs/demo/results.jsonl --out runs/demo/tables
-	@echo "Pretraining runs: runs/demo/<method>/ with checkpoints/, encoder.safetensors, cost.json, tensorboard/, figures/"
-	@echo "Digits linear probes: runs/demo/results.jsonl; tables: runs/demo/tables/"
-	@echo "Mask R-CNN on the embedded COCO-format scenes: runs/demo/coco/mixedae/ (visualizations/, metrics.json)"
-	@echo "UperNet on the embedded ADE-format scenes: runs/demo/ade20k/mixedae/ (overlays/, train_loss.json)"
+	$(BIN)/python -m mimbench.chain demo $(if $(FRESH),--fresh)
+
+# The chain at CI size, compared with regression/baseline.json (tolerances from the measured seed-to-seed
+# spread: `python -m mimbench.chain spread`); `make regression DATA_ROOT=/datasets` runs the small real subsets.
+regression: $(SETUP)
+	$(BIN)/python -m mimbench.chain regression $(if $(DATA_ROOT),--data-root $(DATA_ROOT))
+
+regression-update: $(SETUP)
+	$(BIN)/python -m mimbench.chain regression --update $(if $(DATA_ROOT),--data-root $(DATA_ROOT))
 
 test: $(SETUP)
 	$(BIN)/pytest

@@ -188,7 +188,53 @@ def test_missing_layout_and_missing_data_flags_are_explained(tmp_path, checkpoin
     assert "nope.pth: no such file" in capsys.readouterr().err
 
 
+def test_subset_keeps_the_first_sorted_file_names_of_each_split(tmp_path):
+    root = ade20k.make_embedded_ade20k(tmp_path / "ade", ade20k.EmbeddedSet(size=64, train=6, val=3))
+    # written last, sorted first: the subset follows the names, not the order files were made or listed
+    for folder, suffix in (("images", ".jpg"), ("annotations", ".png")):
+        source = root / folder / "training" / f"scene_000005{suffix}"
+        (root / folder / "training" / f"early{suffix}").write_bytes(source.read_bytes())
+    options = ade20k.Ade20kOptions(ckpt="unused", data_root=str(root), subset=3)  # the real-data dataset type
+    config = ade20k.runner_config(options, SMALL, root, tmp_path / "work", ARCH)
+    with ade20k.DefaultScope.overwrite_default_scope("mmseg"):
+        train = ade20k.DATASETS.build(config["train_dataloader"]["dataset"])
+        val = ade20k.DATASETS.build(config["val_dataloader"]["dataset"])
+        whole = ade20k.DATASETS.build({**config["train_dataloader"]["dataset"], "indices": None})
+    assert type(train).__name__ == "ADE20KDataset" and len(train) == 3 and len(val) == 3 and len(whole) == 7
+    names = [Path(train.get_data_info(i)["img_path"]).name for i in range(len(train))]
+    assert names == ["early.jpg", "scene_000000.jpg", "scene_000001.jpg"]
+    assert names == sorted(p.name for p in (root / "images" / "training").glob("*.jpg"))[:3]
+    assert [Path(train.get_data_info(i)["seg_map_path"]).name for i in range(3)] == \
+        ["early.png", "scene_000000.png", "scene_000001.png"]
+    options = dataclasses.replace(options, subset=2)
+    config = ade20k.runner_config(options, SMALL, root, tmp_path / "work", ARCH)
+    with ade20k.DefaultScope.overwrite_default_scope("mmseg"):
+        val = ade20k.DATASETS.build(config["val_dataloader"]["dataset"])
+    assert [Path(val.get_data_info(i)["img_path"]).name for i in range(len(val))] == \
+        ["scene_000006.jpg", "scene_000007.jpg"]  # validation scenes follow the 6 training ones
+    # the label scan reads the annotations of the kept images only
+    assert ade20k.check_annotation_labels(root, num_classes=5, subset=2) == 4
+    assert ade20k.check_annotation_labels(root, num_classes=5) == 10
+
+
 # ----------------------------------------------------------------------------------------------- runs
+
+
+def test_subset_run_is_tagged_and_bad_subsets_are_refused(tmp_path, checkpoint, one_thread, capsys):
+    store, data, out = tmp_path / "results.jsonl", tmp_path / "scenes", tmp_path / "run"
+    argv = ["--ckpt", str(checkpoint), "--embedded", "--embedded-root", str(data), "--out", str(out),
+            "--results", str(store), *SMALL_FLAGS, "--embedded-train", "6", "--embedded-val", "4",
+            "--batch-size", "2", "--max-iters", "1", "--warmup-iters", "1"]
+    assert ade20k.main([*argv, "--subset", "3"]) == 0
+    (result,) = records(store)
+    assert result.tags == {"subset": "first3"}
+    assert (result.config["subset"], result.config["train_images"], result.config["val_images"]) == (3, 3, 3)
+    for bad in ("0", "-1"):
+        capsys.readouterr()
+        assert ade20k.main([*argv, "--subset", bad]) == 1
+        assert f"error: --subset {bad}: give a positive number of images" in capsys.readouterr().err
+    assert len(records(store)) == 1
+
 
 
 def test_short_cpu_run_learns_the_embedded_scenes(tmp_path, checkpoint, one_thread):

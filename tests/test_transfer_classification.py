@@ -69,6 +69,50 @@ def test_linear_probe_on_digits_end_to_end_with_feature_cache(tmp_path, checkpoi
     assert records(store)[-1].config["pool"] == "token"
 
 
+def test_per_class_slice_probes_a_fixed_subset_tagged_and_cached_apart(tmp_path, checkpoint, capsys, monkeypatch):
+    store, cache = tmp_path / "results.jsonl", tmp_path / "cache"
+    described = []
+    get_or_extract = FeatureCache.get_or_extract
+
+    def spy(self, description, extract):
+        described.append(dict(description))
+        return get_or_extract(self, description, extract)
+
+    monkeypatch.setattr(FeatureCache, "get_or_extract", spy)
+    argv = ["digits", "--ckpt", str(checkpoint), "--results", str(store), "--cache-dir", str(cache),
+            "--per-class", "5", "--tags", "variant=avg"]
+    assert main(argv) == 0
+    assert "features: extracted" in capsys.readouterr().out
+    (result,) = records(store)
+    assert result.config["per_class"] == 5
+    assert result.config["images"] == {"train": 50, "val": 50, "test": 50}  # 10 digits x 5 in every split
+    assert result.tags == {"variant": "avg", "subset": "per_class5"}
+    assert len(list(cache.glob("*.safetensors"))) == 3
+    # The key holds per_class: the same split's full features (same fields, no per_class) are another entry.
+    assert [d["per_class"] for d in described] == [5, 5, 5]
+    for description in described:
+        full = {k: v for k, v in description.items() if k != "per_class"}
+        assert cache_key(**description) != cache_key(**full)
+        assert FeatureCache(cache).load(cache_key(**full)) is None
+    assert main(argv) == 0  # the same slice again: its own cached features
+    assert "features: cache" in capsys.readouterr().out
+    assert main(["digits", "--ckpt", str(checkpoint), "--results", str(store), "--per-class", "0"]) == 1
+    assert "--per-class 0: give a positive number of images per class" in capsys.readouterr().err
+    assert main(["digits", "--ckpt", str(checkpoint), "--results", str(store), "--per-class", "-3"]) == 1
+    assert "--per-class -3: give a positive number" in capsys.readouterr().err
+    assert len(records(store)) == 2
+
+
+def test_per_class_fine_tuning_trains_on_the_train_and_val_slices(tmp_path, checkpoint):
+    store = tmp_path / "results.jsonl"
+    assert main(["digits", "--ckpt", str(checkpoint), "--protocol", "finetune", "--per-class", "2", "--epochs", "1",
+                 "--batch-size", "16", "--base-lr", "0.003", "--results", str(store),
+                 "--out", str(tmp_path / "run")]) == 0
+    (result,) = records(store)
+    assert result.config["images"] == {"trainval": 40, "test": 20}  # train slice + val slice; test slice
+    assert result.tags == {"subset": "per_class2"}
+
+
 def test_pooled_features_are_the_class_token_or_the_normalised_mean():
     torch.manual_seed(0)
     model = create_backbone("vit_tiny_patch4_32").eval()

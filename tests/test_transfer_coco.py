@@ -11,7 +11,7 @@ import pycocotools.mask as mask_util
 import pytest
 import torch
 import torch.nn as nn
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Boxes, BoxMode, Instances
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -19,9 +19,10 @@ from pycocotools.cocoeval import COCOeval
 from mimbench.backbones.checkpoint import CheckpointError, CheckpointMetadata, save_backbone
 from mimbench.backbones.vit import create_backbone
 from mimbench.results import file_sha256, read_results
-from mimbench.transfer.coco import (PRESETS, CocoConfig, CocoRunError, build_detector, evaluate, load_encoder,
-                                    register_splits, resolve_preset, run_coco, store_metrics)
-from mimbench.transfer.coco_data import CocoDataError, coco_layout, write_embedded_coco
+from mimbench.transfer.coco import (PRESETS, CocoConfig, CocoRunError, build_detector, default_out, evaluate,
+                                    load_encoder, register_splits, resolve_preset, run_coco, store_metrics)
+from mimbench.transfer.coco_data import (CocoDataError, CocoSplit, coco_layout, subset_document, write_coco_subset,
+                                         write_embedded_coco)
 from mimbench.transfer.run import main
 from mimbench.transfer.scenes import CATEGORIES, make_scene
 
@@ -167,6 +168,74 @@ def test_ground_truth_as_predictions_scores_100_and_a_perturbation_matches_pycoc
         assert perturbed[f"AP_{task}"] == pytest.approx(100 * evaluation.stats[0], abs=1e-3)
         assert perturbed[f"AP50_{task}"] == pytest.approx(100 * evaluation.stats[1], abs=1e-3)
     assert perturbed["AP_bbox"] < 90 and perturbed["AP_segm"] < 100  # the perturbation costs AP
+
+
+def test_subset_json_holds_the_lowest_image_ids_and_exactly_their_annotations(tmp_path, embedded):
+    source = coco_layout(embedded)["val2017"]
+    document = json.loads(source.json_file.read_text())
+    document["images"].reverse()  # the file's order must not matter: the lowest ids are kept
+    document["licenses"] = [{"id": 1, "name": "test"}]
+    shuffled = tmp_path / "instances_val2017.json"
+    shuffled.write_text(json.dumps(document))
+    subset = write_coco_subset(CocoSplit("val2017", shuffled, source.image_root), 5, tmp_path / "subset")
+    assert subset.json_file == tmp_path / "subset" / "instances_val2017_first5.json"
+    assert subset.image_root == source.image_root  # images are read where they are
+    written = json.loads(subset.json_file.read_text())
+    assert sorted(image["id"] for image in written["images"]) == [1, 2, 3, 4, 5]
+    expected = [a for a in document["annotations"] if a["image_id"] <= 5]
+    assert written["annotations"] == expected and len(expected) >= 5
+    assert written["categories"] == document["categories"] and len(written["categories"]) == len(CATEGORIES)
+    assert (written["info"], written["licenses"]) == (document["info"], document["licenses"])
+    assert not list((tmp_path / "subset").glob(".*tmp*"))  # written through a temporary file, renamed
+    assert len(subset_document(document, 10**6)["images"]) == 64  # more than there are: all of them
+    for bad in (0, -1):
+        with pytest.raises(CocoDataError, match=f"--subset {bad}: give a positive number"):
+            subset_document(document, bad)
+
+
+def test_subset_is_registered_under_its_own_names_and_evaluated_alone(tmp_path, embedded):
+    # --data-root: the subset jsons go under the run's folder, never next to the data
+    config = CocoConfig(ckpt="unused", data_root=str(embedded), subset=3)
+    train_name, val_name = register_splits(config, tmp_path / "subset")
+    assert train_name.endswith("_train2017_first3") and val_name.endswith("_val2017_first3")
+    assert str(embedded.resolve()) in val_name
+    assert [d["image_id"] for d in DatasetCatalog.get(train_name)] == [1, 2, 3]
+    val = DatasetCatalog.get(val_name)
+    assert [d["image_id"] for d in val] == [1, 2, 3]
+    assert MetadataCatalog.get(val_name).json_file == str(tmp_path / "subset" / "instances_val2017_first3.json")
+    assert sorted(p.name for p in (tmp_path / "subset").iterdir()) == ["instances_train2017_first3.json",
+                                                                       "instances_val2017_first3.json"]
+    assert sorted(p.name for p in (embedded / "annotations").iterdir()) == ["instances_train2017.json",
+                                                                            "instances_val2017.json"]
+    full_train, full_val = register_splits(CocoConfig(ckpt="unused", data_root=str(embedded)))
+    assert len(DatasetCatalog.get(full_val)) == 64 and full_val != val_name
+    # COCOEvaluator scores against the subset's json: its ground truth answers it perfectly (against all 64
+    # images it would miss 61 of them).
+    metrics = store_metrics(evaluate(GroundTruthAsPredictions(copy.deepcopy(val)), val_name,
+                                     PRESETS["embedded_cpu"], tmp_path / "eval", 0))
+    assert metrics["AP_bbox"] == pytest.approx(100.0) and metrics["AP_segm"] == pytest.approx(100.0)
+    predictions = json.loads((tmp_path / "eval" / "inference" / "coco_instances_results.json").read_text())
+    assert {p["image_id"] for p in predictions} == {1, 2, 3}
+    with pytest.raises(CocoRunError, match="--subset 0: give a positive number of images"):
+        register_splits(CocoConfig(ckpt="unused", data_root=str(embedded), subset=0), tmp_path / "subset")
+
+
+def test_subset_run_is_tagged_and_bad_subsets_are_refused(tmp_path, checkpoint, embedded, one_thread, capsys):
+    store = tmp_path / "results.jsonl"
+    result = run_coco(CocoConfig(ckpt=str(checkpoint), embedded=True, embedded_root=str(embedded), subset=4,
+                                 out=str(tmp_path / "run"), max_iter=4, num_workers=0, visualize=0,
+                                 results=str(store)))
+    (record,) = read_results(store)[0]
+    assert record.tags == {"subset": "first4"} == result.tags and record.config["subset"] == 4
+    assert (tmp_path / "run" / "subset" / "instances_val2017_first4.json").is_file()
+    assert default_out(CocoConfig(ckpt="x.pth", data_root="d", subset=50), "p", "ab" * 32).name == \
+        "x-abababab-first50"
+    for bad in ("0", "-5"):
+        assert main(["coco", "--ckpt", str(checkpoint), "--embedded", "--embedded-root", str(embedded),
+                     "--subset", bad, "--out", str(tmp_path / "bad")]) == 1
+        assert f"error: --subset {bad}: give a positive number of images (the first N by image id)\n" in \
+            capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_entry_point_requires_data_choice_and_reports_missing_layout(tmp_path, capsys, checkpoint):

@@ -17,8 +17,10 @@ from torchvision import transforms
 from mimbench.transfer.datasets import (
     DATASETS,
     DatasetError,
+    LabelledImages,
     build_dataset,
     collate_readable,
+    first_per_class,
     holdout,
 )
 
@@ -359,6 +361,71 @@ def test_digits_splits_and_labels():
     assert sorted(parts["trainval"].targets + test.targets) == sorted(digits.target.tolist())
     assert _sample_ids(build_dataset("digits", None, "val", seed=0)) == _sample_ids(parts["val"])
     assert _sample_ids(build_dataset("digits", None, "val", seed=1)) != _sample_ids(parts["val"])
+
+
+# ---- per-class slices (--per-class) ----------------------------------------------------------------------------------
+
+
+def _first_n_by_hand(targets, n):
+    """Indices of the first n of each label, counted one by one."""
+    kept, counts = [], {}
+    for index, label in enumerate(targets):
+        if counts.get(label, 0) < n:
+            counts[label] = counts.get(label, 0) + 1
+            kept.append(index)
+    return kept
+
+
+@pytest.mark.parametrize("n", [1, 3, 100])
+def test_first_per_class_on_cifar_keeps_the_first_n_of_each_class_in_order(tmp_path, n):
+    _write_cifar(tmp_path, False)  # train labels in file order: 0 1 2 0 1 2 ..., test 20 % 3, 21 % 3, ...
+    for split in ("train", "val", "test"):
+        full = build_dataset("cifar10", tmp_path, split)
+        part = first_per_class(full, n)
+        kept = _first_n_by_hand(full.targets, n)
+        assert part.targets == [full.targets[i] for i in kept]
+        assert _sample_ids(part) == [_sample_ids(full)[i] for i in kept]  # pixels follow, order kept
+        assert part.classes == full.classes == ["apple", "bear", "cloud"]
+        for label in range(3):
+            assert part.targets.count(label) == min(n, full.targets.count(label))
+        assert all(part.targets[i] == int(part.images[i][0, 0, 0]) % 3 for i in range(len(part)))
+        part.transform = transforms.ToTensor()  # the rest of the code sets the transform on a split
+        assert part[0][0].shape == (3, 32, 32)
+    assert len(first_per_class(build_dataset("cifar10", tmp_path, "train"), 1)) == 3
+    assert len(first_per_class(build_dataset("cifar10", tmp_path, "train"), 100)) == 16  # n above a class's count
+
+
+def test_first_per_class_on_digits_and_bad_counts():
+    for split in ("train", "val", "test"):
+        full = build_dataset("digits", None, split)
+        part = first_per_class(full, 5)
+        assert len(part) == 50 and sorted(part.targets) == sorted(list(range(10)) * 5)
+        kept = _first_n_by_hand(full.targets, 5)
+        assert part.targets == [full.targets[i] for i in kept]
+        assert _sample_ids(part) == [_sample_ids(full)[i] for i in kept]
+    for bad in (0, -2):
+        with pytest.raises(DatasetError, match=f"per_class must be a positive number of images, not {bad}"):
+            first_per_class(full, bad)
+
+
+def test_first_per_class_counts_a_voc_image_under_its_first_present_class():
+    def multi_hot(**marks):
+        target = torch.zeros(20)
+        for index, value in marks.items():
+            target[int(index[1:])] = value
+        return target
+
+    # classes by index: 2 bird, 7 cat, 11 dog, 14 person
+    targets = [multi_hot(c11=1, c14=-1),  # dog (person is only difficult)
+               multi_hot(c7=1, c11=1),  # cat: the first present class
+               multi_hot(c2=-1),  # bird: only a difficult object, so the first difficult class
+               multi_hot(c2=-1, c7=1),  # cat: a present class beats an earlier difficult one
+               multi_hot(c11=1),  # dog, the second
+               multi_hot(c7=1)]  # cat, the third
+    voc = LabelledImages([f"{i}.jpg" for i in range(6)], targets, [str(c) for c in range(20)])
+    assert [str(p) for p in first_per_class(voc, 1).images] == ["0.jpg", "1.jpg", "2.jpg"]
+    assert [str(p) for p in first_per_class(voc, 2).images] == ["0.jpg", "1.jpg", "2.jpg", "3.jpg", "4.jpg"]
+    assert all(torch.equal(a, b) for a, b in zip(first_per_class(voc, 2).targets, targets[:5]))
 
 
 # ---- errors and unreadable images ------------------------------------------------------------------------------------

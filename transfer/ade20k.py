@@ -192,14 +192,20 @@ def check_layout(root: str | os.PathLike) -> None:
                 f"{root / 'annotations' / split} (e.g. {', '.join(unlabelled[:3])})")
 
 
-def check_annotation_labels(root: str | os.PathLike, num_classes: int, cache: Path | None = None) -> int:
+def check_annotation_labels(root: str | os.PathLike, num_classes: int, cache: Path | None = None,
+                            subset: int | None = None) -> int:
     """Scan every annotation PNG's values: 0 (unlabelled) .. ``num_classes``; raise naming the bad files.
 
     Returns the number of files scanned. A clean scan is remembered in ``cache`` (keyed by the files' count,
-    size and newest modification time), so a rerun over the same data skips it.
+    size and newest modification time), so a rerun over the same data skips it. With ``subset``, only the
+    annotations of the first N sorted images of each split (those a --subset run reads) are scanned.
     """
     root = Path(root)
-    files = sorted((root / "annotations").glob("*/*.png"))
+    if subset is None:
+        files = sorted((root / "annotations").glob("*/*.png"))
+    else:  # the annotations of the images the dataset keeps (it sorts images by path)
+        files = [root / "annotations" / split / f"{image.stem}.png" for split in ("training", "validation")
+                 for image in sorted((root / "images" / split).glob("*.jpg"))[:subset]]
     stats = [f.stat() for f in files]
     key = {"root": str(root.resolve()), "files": len(files), "bytes": sum(s.st_size for s in stats),
            "newest": max((s.st_mtime_ns for s in stats), default=0), "num_classes": num_classes}
@@ -377,6 +383,9 @@ class Ade20kOptions:
     resume: bool = False
     results: str | None = None
     overlays: int = 4
+    # The first N images (sorted file names) of training and of validation, for a quick check on the real data;
+    # the record is tagged subset=first<N>.
+    subset: int | None = None
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # preset fields from the command line
     embedded_set: EmbeddedSet = EmbeddedSet()
 
@@ -402,6 +411,10 @@ def runner_config(options: Ade20kOptions, preset: SegmentationPreset, data_root:
         raise SegmentationError(f"batch size {preset.batch_size} does not split over {world_size} processes")
     embedded = options.data_root is None
     dataset = dict(type="EmbeddedScenesDataset" if embedded else "ADE20KDataset", data_root=str(data_root))
+    if options.subset is not None:
+        # mmengine's BaseDataset keeps the first `indices` samples of its list, and mmseg's BaseSegDataset lists
+        # the image folder (scandir order) then sorts by image path: the first N sorted file names.
+        dataset["indices"] = options.subset
     num_classes = len(EMBEDDED_CLASSES) if embedded else ADE20K_NUM_CLASSES
     crop = (preset.crop_size, preset.crop_size)
     train_pipeline = [
@@ -523,8 +536,10 @@ def loss_history(runner: Runner) -> list[float]:
 def run_ade20k(options: Ade20kOptions) -> Result | None:
     """Train (or only evaluate) UperNet on ``options.ckpt`` and append the record; the record on rank 0."""
     if options.data_root is None and not options.embedded:
-        raise SegmentationError("no data: pass --data-root DIR (an ADEChallengeData2016 folder) or --embedded "
-                                "(a generated ADE-format set)")
+        raise SegmentationError(f"no data: pass --data-root DIR, an ADEChallengeData2016 folder holding "
+                                f"{', '.join(ADE20K_FOLDERS)} (ADEChallengeData2016.zip from "
+                                f"http://sceneparsing.csail.mit.edu), or --embedded for the generated ADE-format "
+                                f"scenes (a CPU demo, not ADE20K)")
     if options.data_root is not None and options.embedded:
         raise SegmentationError("pass either --data-root or --embedded, not both")
     if not Path(options.ckpt).is_file():
@@ -532,11 +547,15 @@ def run_ade20k(options: Ade20kOptions) -> Result | None:
     preset_name = options.preset or ("embedded_cpu" if options.embedded else "upernet_vitb_160k")
     if preset_name not in PRESETS:
         raise SegmentationError(f"unknown preset {preset_name!r}; choose one of: {', '.join(PRESETS)}")
+    if options.subset is not None and options.subset < 1:
+        raise SegmentationError(f"--subset {options.subset}: give a positive number of images (the first N sorted "
+                                f"file names of training and of validation)")
     preset = dataclasses.replace(PRESETS[preset_name], **options.overrides)
     started = time.perf_counter()
     sha256 = file_sha256(options.ckpt)
+    subset = f"-first{options.subset}" if options.subset is not None else ""  # never resumes a full run's work
     work_dir = Path(options.out or Path("runs/transfer/ade20k") / preset_name
-                    / f"{Path(options.ckpt).stem}-{sha256[:8]}")
+                    / f"{Path(options.ckpt).stem}-{sha256[:8]}{subset}")
     if options.embedded:
         data_root = Path(options.embedded_root)
         if get_rank_from_env() == 0:
@@ -549,7 +568,8 @@ def run_ade20k(options: Ade20kOptions) -> Result | None:
         num_classes = ADE20K_NUM_CLASSES
     check_layout(data_root)
     if get_rank_from_env() == 0:
-        check_annotation_labels(data_root, num_classes, cache=work_dir / "annotation_scan.json")
+        check_annotation_labels(data_root, num_classes, cache=work_dir / "annotation_scan.json",
+                                subset=options.subset)
     arch = options.arch or infer_arch(options.ckpt, options.which)
 
     config = runner_config(options, preset, data_root, work_dir, arch)
@@ -585,12 +605,16 @@ def run_ade20k(options: Ade20kOptions) -> Result | None:
                    optim_wrapper=config["optim_wrapper"]["type"], eval_only=options.eval_only,
                    weights=config["load_from"], resumed=options.resume, num_classes=num_classes,
                    loaded_backbone_tensors=len(report.loaded), overlays=[str(p) for p in overlays],
-                   train_loss_first=losses[0] if losses else None, train_loss_last=losses[-1] if losses else None)
+                   train_loss_first=losses[0] if losses else None, train_loss_last=losses[-1] if losses else None,
+                   subset=options.subset, val_images=len(runner.test_dataloader.dataset),
+                   # the train loop exists only when trained (reading it would build it for --eval-only)
+                   train_images=None if options.eval_only else len(runner.train_dataloader.dataset))
     if options.embedded:
         details["embedded_set"] = asdict(options.embedded_set)
     found = checkpoint_fields(options.ckpt, report.metadata, sha256, method=options.method, arch=arch)
     result = Result(task="segmentation", dataset="ade20k-embedded" if options.embedded else "ade20k",
                     protocol="upernet", metric="mIoU", value=round(metrics["mIoU"], 2), metrics=metrics,
+                    tags={"subset": f"first{options.subset}"} if options.subset is not None else {},
                     seed=preset.seed, config=details, wall_time_s=round(time.perf_counter() - started, 1),
                     peak_memory_gb=round(peak_memory_gb(device), 3), **found, **run_environment(device))
     store = append_result(result, options.results)
@@ -631,6 +655,9 @@ def parse_args(argv: list[str]) -> Ade20kOptions:
     parser.add_argument("--resume", action="store_true", help="continue from the work dir's last checkpoint")
     parser.add_argument("--results", help="results store (default $MIMBENCH_RESULTS or results/results.jsonl)")
     parser.add_argument("--overlays", type=int, default=4, help="predicted-mask overlays saved (PNG)")
+    parser.add_argument("--subset", type=int, help="only the first N images (sorted file names) of training and "
+                                                   "of validation: a quick check on the real data; the record is "
+                                                   "tagged subset=first<N>")
     options = parser.add_argument_group("preset overrides (defaults come from --preset)")
     add_dataclass_flags(options, SegmentationPreset)
     embedded = parser.add_argument_group("embedded set")

@@ -28,7 +28,7 @@ from mimbench.backbones.checkpoint import backbone_from_checkpoint
 from mimbench.pretrain.engine import init_distributed, peak_memory_gb
 from mimbench.results import Result, append_result, checkpoint_fields, file_sha256, run_environment
 from mimbench.transfer.datasets import (DATASETS, DatasetError, DatasetSpec, LabelledImages, build_dataset,
-                                        collate_readable)
+                                        collate_readable, concatenate, first_per_class)
 from mimbench.transfer.features import FeatureCache, extract_features, probe_transform
 from mimbench.transfer.finetune import (RECIPES, FinetuneConfig, FinetuneRun, build_classifier, eval_transform,
                                         train_transform)
@@ -53,6 +53,11 @@ class ClassificationConfig:
     arch: str | None = None  # None: from the checkpoint's metadata or shapes
     method: str | None = None  # for foreign checkpoints without metadata (e.g. "mae")
     seed: int = 0
+    # Keep the first N images of each class in every split (train, val, test), in the split's own order: a fixed,
+    # documented slice of a real dataset for quick checks. Multi-label VOC2007 counts an image under its first
+    # class present (see datasets.first_per_class); trainval is the train slice followed by the val slice. The
+    # record is tagged subset=per_class<N>, so it is never mistaken for the full benchmark.
+    per_class: int | None = None
     # linear probe
     pool: str = "avg"  # "avg" (global average pool + norm) or "token" (class token)
     batch_size: int = 128
@@ -87,8 +92,10 @@ def parse_tags(tags: list[str]) -> dict[str, str]:
 def run_directory(config: ClassificationConfig, checkpoint_sha256: str) -> Path:
     if config.out:
         return Path(config.out)
+    # A subset run gets its own folder: it must never resume (or be resumed by) the full run's checkpoints.
+    subset = f"-per_class{config.per_class}" if config.per_class is not None else ""
     return (Path("runs/transfer") / config.dataset / config.protocol
-            / f"{Path(config.ckpt).stem}-{checkpoint_sha256[:8]}" / f"seed{config.seed}")
+            / f"{Path(config.ckpt).stem}-{checkpoint_sha256[:8]}" / f"seed{config.seed}{subset}")
 
 
 def run_classification(config: ClassificationConfig, finetune_overrides: dict[str, Any] | None = None) -> Result:
@@ -98,13 +105,21 @@ def run_classification(config: ClassificationConfig, finetune_overrides: dict[st
     if config.dataset not in DATASETS:
         raise DatasetError(f"unknown dataset {config.dataset!r}; known: {', '.join(DATASETS)}")
     spec = DATASETS[config.dataset]
+    if config.per_class is not None and config.per_class < 1:
+        raise ValueError(f"--per-class {config.per_class}: give a positive number of images per class")
 
     @functools.cache  # each split is read (its folders scanned) once, whatever the grid
     def split(name: str) -> LabelledImages:
-        return build_dataset(spec.name, config.data_root, name, seed=config.seed)
+        if config.per_class is None:
+            return build_dataset(spec.name, config.data_root, name, seed=config.seed)
+        if name == "trainval":  # the two slices, so train and val still partition trainval
+            return concatenate(split("train"), split("val"))
+        return first_per_class(build_dataset(spec.name, config.data_root, name, seed=config.seed), config.per_class)
 
     split("test")  # a missing dataset stops here, before any work
     tags = parse_tags(config.tags)
+    if config.per_class is not None:
+        tags["subset"] = f"per_class{config.per_class}"
     started = time.perf_counter()
     checkpoint_sha256 = file_sha256(config.ckpt)
     out = run_directory(config, checkpoint_sha256)
@@ -149,6 +164,8 @@ def linear_probe(config: ClassificationConfig, spec: DatasetSpec, split: Callabl
                            data_root=str(Path(config.data_root).resolve()) if config.data_root else None,
                            split=name, split_seed=config.seed, images=len(dataset), transform=repr(transform),
                            pool=config.pool)
+        if config.per_class is not None:  # only then: the full splits keep their existing cache keys
+            description["per_class"] = config.per_class
         features, targets, hit = cache.get_or_extract(description, lambda: extract_features(
             model, dataset, config.pool, config.batch_size, device, config.num_workers, collate_readable))
         splits[name] = (features.to(device), targets.to(device))
@@ -215,5 +232,6 @@ def finetune(config: ClassificationConfig, spec: DatasetSpec, split: Callable[[s
         metrics[f"val_{spec.metric}"] = max(val_scores.values())
     details = {"arch": run.model.arch, "recipe": recipe,
                "finetune": asdict(base), "grid_val_scores": val_scores, "history": final["history"],
-               "effective_batch": final["effective_batch"], "processes": distributed.world_size, "out": str(out)}
+               "effective_batch": final["effective_batch"], "processes": distributed.world_size, "out": str(out),
+               "images": {name: len(split(name)) for name in ("trainval", "test")}}
     return metrics, details, distributed.device, report, distributed.is_main

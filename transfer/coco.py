@@ -52,7 +52,8 @@ from mimbench.backbones.vit import ARCHS
 from mimbench.flags import add_dataclass_flags, exit_status
 from mimbench.pretrain.engine import TrainingDiverged, peak_memory_gb
 from mimbench.results import Result, append_result, checkpoint_fields, file_sha256, run_environment
-from mimbench.transfer.coco_data import CocoDataError, coco_layout, write_embedded_coco
+from mimbench.transfer.coco_data import (CocoDataError, coco_layout, subset_split, write_coco_subset,
+                                         write_embedded_coco)
 
 # Detectron2's own ViTDet Mask R-CNN config, shipped inside its package.
 VITDET_CONFIG = Path(detectron2.__file__).parent / "model_zoo/configs/common/models/mask_rcnn_vitdet.py"
@@ -88,6 +89,7 @@ class DetectionPreset:
     mask_format: str = "polygon"  # COCO ships polygons; the embedded set ships exact RLE masks ("bitmask")
     checkpoint_period: int = 5000
     eval_period: int = 0  # 0: evaluate once, at the end
+    log_period: int = 20  # iterations between logged losses (metrics.json, loss_curve.json, TensorBoard)
 
 
 PRESETS: dict[str, DetectionPreset] = {
@@ -104,7 +106,7 @@ PRESETS: dict[str, DetectionPreset] = {
         window_size=8, warmup_iters=30, lr_steps=(240, 280), lsj_scale=(0.5, 1.5), pyramid_strides=(4, 8),
         anchor_sizes=(16, 32, 64), rois_per_image=32, head_channels=64, box_head_convs=0, box_head_fcs=(256, 256),
         proposals=(200, 100),
-        detections_per_image=20, mask_format="bitmask", checkpoint_period=100),
+        detections_per_image=20, mask_format="bitmask", checkpoint_period=100, log_period=5),
 }
 
 
@@ -136,6 +138,10 @@ class CocoConfig:
     visualize: int = 4  # predictions drawn on this many val images
     seed: int = 0
     results: str | None = None  # the results store (default results/results.jsonl or $MIMBENCH_RESULTS)
+    # The first N images (by image id) of train2017 and of val2017, for a quick check on the real data: their
+    # annotation jsons are written under <out>/subset/ and evaluated as such (training, as always, skips images
+    # without annotations); the record is tagged subset=first<N>.
+    subset: int | None = None
 
 
 class CocoRunError(ValueError):
@@ -233,8 +239,19 @@ class CPUAutocastTrainer(SimpleTrainer):
 # ----------------------------------------------------------------------------------------------- data
 
 
-def register_splits(config: CocoConfig) -> tuple[str, str]:
-    """Register train and val with Detectron2's catalog (once per name) and return their names."""
+def check_subset(subset: int | None) -> None:
+    if subset is not None and subset < 1:
+        raise CocoRunError(f"--subset {subset}: give a positive number of images (the first N by image id)")
+
+
+def register_splits(config: CocoConfig, subset_dir: Path | None = None) -> tuple[str, str]:
+    """Register train and val with Detectron2's catalog (once per name) and return their names.
+
+    With ``config.subset`` the splits are their first N images, written as jsons under ``subset_dir``.
+    """
+    check_subset(config.subset)
+    if config.subset is not None and subset_dir is None:
+        raise CocoRunError("--subset needs a folder for its annotation files (the run's --out)")
     if config.embedded:
         root = Path(config.embedded_root)
         if comm.is_main_process():
@@ -244,9 +261,20 @@ def register_splits(config: CocoConfig) -> tuple[str, str]:
     else:
         root = Path(config.data_root)
         prefix = f"coco2017@{root.resolve()}"
+    splits = list(coco_layout(root).values())
+    if config.subset is not None:
+        if comm.get_local_rank() == 0:  # one writer per machine; the others wait, then read the same files
+            for split in splits:
+                write_coco_subset(split, config.subset, subset_dir)
+        comm.synchronize()
+        splits = [subset_split(split, config.subset, subset_dir) for split in splits]
     names = []
-    for split in coco_layout(root).values():
-        name = f"{prefix}_{split.name}"
+    for split in splits:
+        # The subset size is in the name, so a subset is never evaluated under the full split's name.
+        name = f"{prefix}_{split.name}" + (f"_first{config.subset}" if config.subset is not None else "")
+        if name in DatasetCatalog.list() and MetadataCatalog.get(name).json_file != str(split.json_file):
+            DatasetCatalog.remove(name)  # the same subset written under another --out: register that file
+            MetadataCatalog.remove(name)
         if name not in DatasetCatalog.list():
             register_coco_instances(name, {}, str(split.json_file), str(split.image_root))
         names.append(name)
@@ -340,7 +368,8 @@ def resolve_preset(config: CocoConfig) -> tuple[str, DetectionPreset]:
 
 def default_out(config: CocoConfig, preset_name: str, sha256: str) -> Path:
     dataset = "coco-embedded" if config.embedded else "coco"
-    return Path("runs/transfer") / dataset / preset_name / f"{Path(config.ckpt).stem}-{sha256[:8]}"
+    subset = f"-first{config.subset}" if config.subset is not None else ""  # never mixed with a full run's
+    return Path("runs/transfer") / dataset / preset_name / f"{Path(config.ckpt).stem}-{sha256[:8]}{subset}"
 
 
 def run_coco(config: CocoConfig) -> Result | None:
@@ -355,7 +384,7 @@ def run_coco(config: CocoConfig) -> Result | None:
         setup_logger(str(out), distributed_rank=comm.get_rank(), name="detectron2")
         setup_logger(str(out), distributed_rank=comm.get_rank(), name="mimbench")
     seed_all_rng(config.seed + comm.get_rank())
-    train_name, val_name = register_splits(config)
+    train_name, val_name = register_splits(config, out / "subset")
     DatasetCatalog.get(val_name)  # reading the (smaller) val json sets the categories both splits share
     num_classes = len(MetadataCatalog.get(val_name).thing_classes)
 
@@ -386,6 +415,7 @@ def run_coco(config: CocoConfig) -> Result | None:
     result = Result(
         task="detection", dataset=dataset, protocol="mask-rcnn", metric="AP_bbox", value=metrics.get("AP_bbox", 0.0),
         metrics=metrics, seed=config.seed,
+        tags={"subset": f"first{config.subset}"} if config.subset is not None else {},
         config={**asdict(config), "preset_name": preset_name, "preset": asdict(preset), "arch": arch,
                 "out": str(out), "processes": comm.get_world_size()},
         wall_time_s=round(time.perf_counter() - started, 1), peak_memory_gb=round(peak_memory_gb(device), 3),
@@ -432,7 +462,7 @@ def train(model: nn.Module, config: CocoConfig, preset: DetectionPreset, train_n
         hooks.PeriodicCheckpointer(checkpointer, preset.checkpoint_period, max_iter=preset.max_iter,
                                    max_to_keep=2) if comm.is_main_process() else None,
         hooks.EvalHook(preset.eval_period, evaluation) if preset.eval_period else None,
-        hooks.PeriodicWriter(default_writers(str(out), preset.max_iter), period=20)
+        hooks.PeriodicWriter(default_writers(str(out), preset.max_iter), period=preset.log_period)
         if comm.is_main_process() else None,
     ])
     logger.info("training %d iterations at batch %d (%d processes), lr %.2e; backbone %d tensors from %s",
@@ -477,6 +507,7 @@ def check_inputs(config: CocoConfig) -> CocoConfig:
     """Bad input fails here, in the launching process, with one line (not once per spawned worker); the
     config comes back with the checkpoint's arch filled in, so the workers need not read the file for it."""
     resolve_preset(config)
+    check_subset(config.subset)
     if config.data_root:
         coco_layout(config.data_root)
     if config.arch is None:  # reads the checkpoint: a missing, corrupt or foreign file fails here

@@ -57,6 +57,32 @@ def coco_layout(root: str | os.PathLike) -> dict[str, CocoSplit]:
     return splits
 
 
+def subset_document(document: dict, count: int) -> dict:
+    """The first ``count`` images of a COCO instances document (by image id) and exactly their annotations;
+    every category, and the info / licenses, kept (so category ids and the evaluator's classes do not change)."""
+    if count < 1:
+        raise CocoDataError(f"--subset {count}: give a positive number of images")
+    images = sorted(document["images"], key=lambda image: image["id"])[:count]
+    kept = {image["id"] for image in images}
+    annotations = [a for a in document["annotations"] if a["image_id"] in kept]
+    return {**document, "images": images, "annotations": annotations}
+
+
+def subset_split(split: CocoSplit, count: int, folder: str | os.PathLike) -> CocoSplit:
+    """Where ``write_coco_subset`` puts ``split`` cut to ``count`` images: its json under ``folder``, the images
+    where they are (so the data root may be read-only)."""
+    return CocoSplit(split.name, Path(folder) / f"instances_{split.name}_first{count}.json", split.image_root)
+
+
+def write_coco_subset(split: CocoSplit, count: int, folder: str | os.PathLike) -> CocoSplit:
+    """Write ``split``'s first ``count`` images (by id) and their annotations as ``subset_split``'s json,
+    atomically (a crash or a concurrent reader never sees half a file)."""
+    document = subset_document(json.loads(split.json_file.read_text()), count)
+    subset = subset_split(split, count, folder)
+    atomic_write(subset.json_file, lambda tmp: tmp.write_text(json.dumps(document)))
+    return subset
+
+
 # Sizes of the embedded set: enough for a detector to learn the four shapes on a CPU in minutes.
 EMBEDDED_SIZES = {"train2017": 320, "val2017": 64}
 

@@ -117,6 +117,47 @@ def collate_readable(batch: list) -> tuple[torch.Tensor, torch.Tensor] | None:
 # ---- splits -------------------------------------------------------------------------------------------------------
 
 
+def _count_class(target: int | torch.Tensor) -> int | None:
+    """The class an image counts under for `first_per_class`: its label, or for a multi-hot VOC target the first
+    class with a non-difficult object (1), else the first with a difficult one (-1); None for an empty target."""
+    if not isinstance(target, torch.Tensor):
+        return int(target)
+    for value in (1, -1):
+        marked = torch.nonzero(target == value).flatten()
+        if len(marked):
+            return int(marked[0])
+    return None
+
+
+def first_per_class(dataset: LabelledImages, per_class: int) -> LabelledImages:
+    """The first `per_class` images of each class, in the dataset's own order: a fixed slice for quick checks.
+
+    Classes with fewer images keep all of theirs; `.classes` is unchanged (the head keeps every class).
+    """
+    if per_class < 1:
+        raise DatasetError(f"per_class must be a positive number of images, not {per_class}")
+    seen: dict[int | None, int] = {}
+    kept = []
+    for index, target in enumerate(dataset.targets):
+        label = _count_class(target)
+        if seen.get(label, 0) < per_class:
+            seen[label] = seen.get(label, 0) + 1
+            kept.append(index)
+    return dataset.subset(kept)
+
+
+def concatenate(first: LabelledImages, second: LabelledImages) -> LabelledImages:
+    """`first`'s samples followed by `second`'s (same classes; `first`'s transform)."""
+    if first.classes != second.classes:
+        raise DatasetError(f"cannot join splits naming different classes ({len(first.classes)} vs "
+                           f"{len(second.classes)})")
+    if isinstance(first.images, np.ndarray) and isinstance(second.images, np.ndarray):
+        images: Sequence[Path] | np.ndarray = np.concatenate([first.images, second.images])
+    else:
+        images = list(first.images) + list(second.images)
+    return LabelledImages(images, list(first.targets) + list(second.targets), first.classes, first.transform)
+
+
 def holdout(count: int, held: int, seed: int) -> tuple[list[int], list[int]]:
     """A seeded random `held` of range(count) and the rest, each in increasing order: (kept, held)."""
     order = np.random.default_rng(seed).permutation(count)  # a local generator: global RNG state never matters
@@ -486,7 +527,8 @@ def build_dataset(name: str, root: str | os.PathLike | None, split: str, transfo
     if name == "digits":
         dataset = _read_digits(split, seed)  # embedded: the root is ignored
     elif root is None or str(root) == "":
-        raise _unusable(spec, None, "pass the folder that holds it")
+        raise _unusable(spec, None, "pass --data-root DIR, the folder that holds it; or try the embedded labelled "
+                                    "set, which needs no data: transfer/run.py digits --ckpt ...")
     else:
         root_path = Path(root).expanduser()
         if not root_path.is_dir():

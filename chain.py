@@ -1,0 +1,585 @@
+"""The whole chain on one command: pretrain MAE, RC-MAE and MixedAE, transfer every encoder, build the tables.
+
+    python -m mimbench.chain demo [--out runs/demo] [--fresh]           # `make demo`: embedded data, CPU
+    python -m mimbench.chain regression [--update]                      # `make regression`: CI size vs baseline
+    python -m mimbench.chain regression --data-root /datasets           # the same on small real subsets
+    python -m mimbench.chain spread --seeds 1 2 3                       # re-derive the baseline's tolerances
+
+Each step is the user-facing command (``pretrain/run.py``, ``transfer/run.py``, ``tables.build``) run as its own
+process, so the chain proves exactly what a user types, and a framework (Detectron2, mmseg) stays inside its
+adapter's process. A step that finished writes ``chain-step.json`` (its command) into its folder; a second run
+skips it while the command is unchanged, so ``make demo`` twice redoes nothing (``--fresh`` starts over).
+
+Regression: the chain at CI size (fixed seed) on the embedded data gives every metric of every downstream record
+and each loss curve (the mean of each quarter of it); these are compared with ``regression/baseline.json``.
+Its tolerances come from ``spread``: the same chain under other seeds. A different CPU, thread count or
+library build perturbs float rounding, which after a few hundred steps is a new random trajectory, so the
+seed-to-seed spread bounds what an unchanged program can move; a change of behaviour beyond it is a drift.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent
+BASELINES = {False: ROOT / "regression" / "baseline.json", True: ROOT / "regression" / "baseline-real.json"}
+METHODS = ("mae", "rcmae", "mixedae")
+DONE = "chain-step.json"
+# Two steps at once, a thread each: most of a small step is single-threaded Python (Detectron2's and mmseg's
+# loops, data loading), so two of them on two cores finish sooner than one after the other on two threads.
+DEFAULT_JOBS = 2
+
+
+@dataclass(frozen=True)
+class ChainSize:
+    """How much of each step: the demo shows learning, the CI size only has to be quick and sensitive."""
+
+    pretrain_epochs: int
+    pretrain_warmup_epochs: int
+    samples_per_epoch: int  # embedded photos: random crops per epoch
+    linear: list[str]  # extra `transfer/run.py digits --protocol linear` flags
+    finetune: list[str]  # extra `transfer/run.py digits --protocol finetune` flags (empty: the recipe's)
+    coco_iters: int
+    ade_iters: int
+    seed: int = 0
+    # the real-data subsets (regression --data-root): images per class, COCO / ADE20K images per split
+    per_class: int = 10
+    coco_images: int = 50
+    ade_images: int = 50
+
+
+SIZES: dict[str, ChainSize] = {
+    # Per method: 96 pretraining steps; the whole digits set probed, 5 fine-tuning epochs at the recipe's best
+    # lr; 150 detector and 100 segmentor iterations.
+    "demo": ChainSize(pretrain_epochs=3, pretrain_warmup_epochs=1, samples_per_epoch=2048, linear=[],
+                      finetune=["--base-lr", "1e-2"], coco_iters=150, ade_iters=100),
+    # Per method: 16 pretraining steps, 30 digits a class, 40 detector and 30 segmentor iterations.
+    "ci": ChainSize(pretrain_epochs=2, pretrain_warmup_epochs=1, samples_per_epoch=512,
+                    linear=["--per-class", "30"], finetune=["--per-class", "30", "--epochs", "3", "--base-lr", "1e-2"],
+                    coco_iters=40, ade_iters=30),
+}
+
+# Where --data-root's benchmarks are expected; a missing one is skipped (and said so).
+REAL_LAYOUT = """<data-root>/coco/{train2017,val2017,annotations/instances_{train,val}2017.json}
+<data-root>/ADEChallengeData2016/{images,annotations}/{training,validation}
+<data-root>/<dataset>/ for each classification dataset of transfer/run.py (cifar10, flowers, ...), in its layout"""
+CLASSIFICATION_DATASETS = ("aircraft", "caltech101", "cars", "cifar10", "cifar100", "dtd", "flowers", "food", "pets",
+                           "sun397", "voc2007")
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    command: list[str]  # run from the repository root with this Python
+    folder: Path  # holds the step's outputs and its done-marker
+    after: tuple[str, ...] = ()  # names of the steps whose outputs it reads
+
+    def is_done(self) -> bool:
+        marker = self.folder / DONE
+        return marker.is_file() and json.loads(marker.read_text()).get("command") == self.command
+
+
+def python_script(script: str, *args: str) -> list[str]:
+    return [sys.executable, str(ROOT / script), *args]
+
+
+def plan(size: ChainSize, out: Path, data_root: Path | None = None,
+         methods: Sequence[str] = METHODS) -> list[Step]:
+    """Every step of the chain, in order. Pretraining is always on the embedded photos; downstream runs on the
+    embedded sets, or with ``data_root`` on the fixed small subsets of each real benchmark found there."""
+    out = Path(out)
+    store = str(out / "results.jsonl")
+    seed = str(size.seed)
+    steps = [Step("backbones: summary and a checkpoint round trip",
+                  [sys.executable, "-m", "mimbench.backbones.cli", "demo", "--out", str(out / "backbones")],
+                  out / "backbones")]
+    for method in methods:
+        steps.append(Step(f"pretrain {method}", python_script(
+            "pretrain/run.py", "--method", method, "--embedded", "--epochs", str(size.pretrain_epochs),
+            "--warmup-epochs", str(size.pretrain_warmup_epochs), "--samples-per-epoch", str(size.samples_per_epoch),
+            "--seed", seed, "--out", str(out / method)), out / method))
+    for method in methods:
+        ckpt = str(out / method / "encoder.safetensors")
+        common = ["--ckpt", ckpt, "--results", store, "--seed", seed]
+        if data_root is None:
+            classification = [("digits", [], {"linear": size.linear, "finetune": size.finetune})]
+        else:
+            classification = [(name, ["--data-root", str(data_root / name), "--per-class", str(size.per_class)],
+                               {"linear": [], "finetune": ["--epochs", "2"]})
+                              for name in CLASSIFICATION_DATASETS if (data_root / name).is_dir()]
+        for dataset, data, extras in classification:
+            for protocol, extra in extras.items():
+                folder = out / "transfer" / dataset / protocol / method
+                steps.append(Step(f"{dataset} {protocol} {method}", python_script(
+                    "transfer/run.py", dataset, "--protocol", protocol, *common, *data, *extra, "--out", str(folder),
+                    "--cache-dir", str(out / "feature_cache")), folder, after=(f"pretrain {method}",)))
+        dense = [("coco", out / "datasets" / "coco-embedded", data_root and data_root / "coco", size.coco_images,
+                  ["--max-iter", str(size.coco_iters)]),
+                 ("ade20k", out / "datasets" / "ade20k-embedded", data_root and data_root / "ADEChallengeData2016",
+                  size.ade_images, ["--max-iters", str(size.ade_iters)])]
+        for task, embedded_root, real_root, subset, iterations in dense:
+            if data_root is None:
+                data = ["--embedded", "--embedded-root", str(embedded_root)]
+            elif real_root.is_dir():  # the CPU preset on a fixed slice: a check of the pipeline, not a result
+                data = ["--data-root", str(real_root), "--preset", "embedded_cpu", "--subset", str(subset)]
+            else:
+                continue
+            folder = out / task / method
+            steps.append(Step(f"{task} {method}", python_script(
+                "transfer/run.py", task, *common, *data, *iterations, "--out", str(folder)), folder,
+                after=(f"pretrain {method}",)))
+    steps.append(Step("tables", [sys.executable, "-m", "mimbench.tables.build", "--store", store,
+                                 "--out", str(out / "tables")], out / "tables", after=tuple(s.name for s in steps)))
+    return steps
+
+
+def run_steps(steps: Sequence[Step], jobs: int = 1, threads: int | None = None, log: Any = sys.stdout,
+              heartbeat_s: float = 30.0) -> None:
+    """Run every step not already done, up to ``jobs`` at once, each after the steps it needs.
+
+    One job: a step's own output (progress bars included) goes to the terminal. Several: each step writes
+    ``<folder>/chain.log`` and a line every ``heartbeat_s`` shows each running step's latest progress.
+    ``threads`` sets OMP_NUM_THREADS of each step (None: the cores shared among the jobs). A failure lets the
+    running steps finish (their work is kept), then raises naming the step, its command and its log's tail.
+    """
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    number = {step.name: k for k, step in enumerate(steps, 1)}
+    done = {step.name for step in steps if step.is_done()}
+    for step in steps:
+        if step.name in done:
+            print(f"[{number[step.name]}/{len(steps)}] {step.name}: done before, skipped", file=log, flush=True)
+    waiting = [step for step in steps if step.name not in done]
+    running: dict[str, tuple[Step, subprocess.Popen, float]] = {}
+    failed: list[str] = []
+    last_beat = time.perf_counter()
+    while waiting or running:
+        for step in list(waiting):
+            if len(running) >= jobs or failed:
+                break
+            if all(name in done for name in step.after):
+                waiting.remove(step)
+                running[step.name] = (step, start(step, jobs, env, f"[{number[step.name]}/{len(steps)}]", log),
+                                      time.perf_counter())
+        if not running:
+            if waiting and not failed:
+                raise ChainError(f"steps wait on steps that are not in the plan: {[s.name for s in waiting]}")
+            break
+        time.sleep(0.2)
+        for name, (step, process, started) in list(running.items()):
+            if process.poll() is None:
+                continue
+            del running[name]
+            header = f"[{number[name]}/{len(steps)}] {name}"
+            if process.returncode != 0:
+                tail = "" if jobs == 1 else "\n" + log_tail(step.folder / "chain.log", lines=25)
+                failed.append(f"step {name!r} failed (exit {process.returncode}): {' '.join(step.command)}{tail}")
+                print(f"{header}: FAILED", file=log, flush=True)
+                continue
+            seconds = time.perf_counter() - started
+            write_json(step.folder / DONE, {"command": step.command, "seconds": round(seconds, 1)})
+            done.add(name)
+            print(f"{header}: done in {seconds:.0f} s", file=log, flush=True)
+        if jobs > 1 and running and time.perf_counter() - last_beat > heartbeat_s:
+            last_beat = time.perf_counter()
+            for name, (step, _, started) in running.items():
+                progress = log_tail(step.folder / "chain.log", lines=1)[-150:]
+                print(f"  ... {name} ({time.perf_counter() - started:.0f} s): {progress}", file=log, flush=True)
+    if failed:
+        raise ChainError("\n".join(failed))
+
+
+def start(step: Step, jobs: int, env: dict[str, str], number: str, log: Any) -> subprocess.Popen:
+    print(f"{number} {step.name}\n  $ {' '.join(step.command)}", file=log, flush=True)
+    # The dense adapters resume an interrupted run of theirs in the same folder instead of refusing it.
+    command = step.command + (["--resume"] if resumable(step) else [])
+    if jobs == 1:
+        return subprocess.Popen(command, env=env)
+    step.folder.mkdir(parents=True, exist_ok=True)
+    with open(step.folder / "chain.log", "wb") as output:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
+
+
+def log_tail(path: Path, lines: int) -> str:
+    """The last ``lines`` lines of a step's log, progress-bar redraws (carriage returns) resolved."""
+    if not path.is_file():
+        return ""
+    with open(path, "rb") as file:
+        file.seek(max(0, path.stat().st_size - 20_000))
+        text = file.read().decode(errors="replace")
+    # a progress bar redraws its line after carriage returns: keep what its last redraw shows
+    shown = [next((part for part in reversed(line.split("\r")) if part.strip()), "") for line in text.split("\n")]
+    return "\n".join([line for line in shown if line.strip()][-lines:])
+
+
+def resumable(step: Step) -> bool:
+    """A coco / ade20k step whose folder holds an interrupted run (a checkpoint pointer) continues it."""
+    task = step.command[2] if len(step.command) > 2 else ""
+    return task in ("coco", "ade20k") and (step.folder / "last_checkpoint").is_file()
+
+
+class ChainError(RuntimeError):
+    """A step failed or the outputs to compare are missing."""
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+
+
+def curve_summary(curve: Sequence[float]) -> dict[str, float]:
+    """A loss curve as the mean of each quarter (q1..q4): robust to per-step noise, still the curve's shape.
+    A curve of under 8 points is compared point by point (p1, p2, ...)."""
+    if not curve:
+        raise ChainError("an empty loss curve: the run logged no loss")
+    if len(curve) < 8:
+        return {f"p{k}": float(value) for k, value in enumerate(curve, 1)}
+    bounds = [round(len(curve) * k / 4) for k in range(5)]
+    return {f"q{k}": statistics.fmean(curve[a:b]) for k, (a, b) in enumerate(zip(bounds, bounds[1:]), 1)}
+
+
+def pretrain_losses(run: Path) -> list[float]:
+    """The per-step training loss TensorBoard holds for a pretraining run (the last value of a repeated step,
+    as a resumed run logs again the steps after its checkpoint)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    by_step: dict[int, float] = {}
+    for events in sorted((run / "tensorboard").glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
+        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        if "pretrain/loss" in accumulator.Tags()["scalars"]:
+            by_step.update({event.step: event.value for event in accumulator.Scalars("pretrain/loss")})
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def measure(out: Path, methods: Sequence[str] = METHODS) -> dict[str, float]:
+    """Every number the regression compares, by name: ``<method>/<task>/<dataset>/<protocol>/<metric>`` for each
+    metric of each record in the chain's store, ``<method>/<curve>/loss/q<k>`` for each loss curve's quarters (see `curve_summary`)."""
+    from mimbench.results import read_results
+
+    records, malformed = read_results(out / "results.jsonl")
+    if malformed:
+        raise ChainError(f"{out / 'results.jsonl'}: malformed lines {', '.join(map(str, malformed))}")
+    values: dict[str, float] = {}
+    for record in records:
+        for metric, value in record.metrics.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                key = f"{record.method}/{record.task}/{record.dataset}/{record.protocol}/{metric}"
+                if key in values:
+                    raise ChainError(f"{key} is in the store twice; measure a fresh chain")
+                values[key] = float(value)
+    for method in methods:
+        curves = {"pretrain": pretrain_losses(out / method)}
+        coco_curve = out / "coco" / method / "loss_curve.json"
+        if coco_curve.is_file():
+            curves["detection"] = [point["total_loss"] for point in json.loads(coco_curve.read_text())]
+        ade_curve = out / "ade20k" / method / "train_loss.json"
+        if ade_curve.is_file():
+            curves["segmentation"] = json.loads(ade_curve.read_text())
+        for name, curve in curves.items():
+            for part, mean in curve_summary(curve).items():
+                values[f"{method}/{name}/loss/{part}"] = mean
+    return values
+
+
+# ------------------------------------------------------------------------------------------------ comparing
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    absolute: float = 0.0  # in the metric's unit (points for accuracies, AP, mIoU)
+    relative: float = 0.0  # a share of the expected value (loss curves)
+
+    def allows(self, expected: float, got: float) -> bool:
+        return abs(got - expected) <= max(self.absolute, self.relative * abs(expected)) + 1e-9
+
+
+def family(key: str) -> str:
+    """The tolerance group of a measurement: its task, plus "-loss" for a loss curve."""
+    parts = key.split("/")
+    return f"{parts[1]}-loss" if parts[2] == "loss" else parts[1]
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str
+    expected: float | None
+    got: float | None
+    tolerance: str
+    ok: bool
+
+    @property
+    def status(self) -> str:
+        if self.expected is None:
+            return "NEW (not in the baseline)"
+        if self.got is None:
+            return "MISSING"
+        return "ok" if self.ok else "DRIFT"
+
+
+def compare(baseline: dict[str, Any], measured: dict[str, float]) -> list[Row]:
+    """One row per measurement in either the baseline or this run; drifts first."""
+    tolerances = {name: Tolerance(**spec) for name, spec in baseline["tolerances"].items()}
+    expected_values: dict[str, float] = baseline["values"]
+    rows = []
+    for key in sorted(set(expected_values) | set(measured)):
+        expected, got = expected_values.get(key), measured.get(key)
+        tolerance = tolerances.get(family(key))
+        if tolerance is None:
+            raise ChainError(f"the baseline has no tolerance for {family(key)!r} (measurement {key})")
+        ok = expected is not None and got is not None and tolerance.allows(expected, got)
+        shown = f"±{tolerance.absolute:g}" if tolerance.absolute else f"±{tolerance.relative:.1%}"
+        rows.append(Row(key, expected, got, shown, ok))
+    return sorted(rows, key=lambda row: row.ok)
+
+
+def comparison_table(rows: Sequence[Row]) -> str:
+    from tabulate import tabulate
+
+    def number(value: float | None) -> str:
+        return "—" if value is None else f"{value:.4g}"
+
+    table = [[row.key, number(row.expected), number(row.got),
+              number(row.got - row.expected) if row.got is not None and row.expected is not None else "—",
+              row.tolerance, row.status] for row in rows]
+    return tabulate(table, headers=["measurement", "expected", "got", "Δ", "tolerance", "status"],
+                    tablefmt="github", disable_numparse=True)
+
+
+def read_baseline(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ChainError(f"no baseline at {path}; write one with `make regression-update` (and review its diff)")
+    try:
+        baseline = json.loads(path.read_text())
+        baseline["values"], baseline["tolerances"]  # noqa: B018  the two parts compare() reads
+    except (ValueError, KeyError) as error:
+        raise ChainError(f"{path}: not a regression baseline ({error})") from None
+    return baseline
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.tmp")
+    partial.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    os.replace(partial, path)
+
+
+def environment() -> dict[str, Any]:
+    import platform
+
+    import torch
+
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"), "torch": torch.__version__,
+            "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads()}
+
+
+# ------------------------------------------------------------------------------------------------ commands
+
+
+@dataclass
+class ChainOptions:
+    out: Path
+    size: str = "demo"
+    data_root: Path | None = None
+    fresh: bool = False
+    seed: int = 0
+    jobs: int = 1  # steps run at once
+    threads: int | None = None  # OMP threads per step (None: the cores shared among the jobs)
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+
+
+def run_chain(options: ChainOptions, log: Any = sys.stdout) -> list[Step]:
+    if options.fresh and options.out.exists():
+        shutil.rmtree(options.out)
+    size = replace(SIZES[options.size], seed=options.seed)
+    if options.data_root is not None and not options.data_root.is_dir():
+        raise ChainError(f"--data-root {options.data_root}: not a directory; expected\n{REAL_LAYOUT}")
+    steps = plan(size, options.out, options.data_root, options.methods)
+    if options.data_root is not None:
+        found = [name for name in (*CLASSIFICATION_DATASETS, "coco", "ADEChallengeData2016")
+                 if (options.data_root / name).is_dir()]
+        print(f"real subsets under {options.data_root}: {', '.join(found) or 'none found'} "
+              f"(expected layout:\n{REAL_LAYOUT})", file=log, flush=True)
+    run_steps(steps, options.jobs, options.threads, log)
+    return steps
+
+
+# The headline number of each embedded run, as the final screen shows it
+SUMMARY_COLUMNS = (("digits", "linear", "top1", "digits linear top-1"),
+                   ("digits", "finetune", "top1", "digits fine-tune top-1"),
+                   ("coco-embedded", "mask-rcnn", "AP_bbox", "COCO-emb. AP box"),
+                   ("coco-embedded", "mask-rcnn", "AP_segm", "COCO-emb. AP mask"),
+                   ("ade20k-embedded", "upernet", "mIoU", "ADE-emb. mIoU"))
+
+
+def side_by_side(store: Path) -> str:
+    """Our methods as rows, the embedded runs' headline metrics as columns, MixedAE / RC-MAE deltas vs MAE."""
+    import pandas as pd
+
+    from mimbench.results import read_results
+    from mimbench.tables.layout import METHOD_NAMES
+
+    records, _ = read_results(store)
+    cells: dict[str, dict[str, float]] = {}
+    for record in records:
+        for dataset, protocol, metric, header in SUMMARY_COLUMNS:
+            if (record.dataset, record.protocol) == (dataset, protocol) and metric in record.metrics:
+                cells.setdefault(METHOD_NAMES.get(record.method or "", record.method), {})[header] = \
+                    record.metrics[metric]
+    frame = pd.DataFrame.from_dict(cells, orient="index")
+    frame = frame[[header for *_, header in SUMMARY_COLUMNS if header in frame.columns]]
+    if "MAE" in frame.index:
+        deltas = (frame.drop(index="MAE") - frame.loc["MAE"]).rename(index=lambda name: f"{name} − MAE")
+        frame = pd.concat([frame, deltas])
+    return frame.to_markdown(floatfmt=".1f")
+
+
+def final_screen(out: Path, methods: Sequence[str]) -> str:
+    tables = out / "tables"
+    shown = ["Our methods on the embedded sets (same ViT, same budget; a demo of the pipeline, not the paper's "
+             "benchmarks):\n\n" + side_by_side(out / "results.jsonl")]
+    for name, title in (("main", "The paper's main table"), ("transfer", "The paper's transfer table")):
+        if (tables / f"{name}.md").is_file():
+            shown.append(f"{title} (our rows appear once the real benchmarks are run):\n\n"
+                         + (tables / f"{name}.md").read_text().rstrip())
+    where = [f"Everything is under {out}/:",
+             f"  pretraining     {out}/<method>/  (checkpoints/, encoder.safetensors, cost.json, figures/, "
+             f"tensorboard/) for {', '.join(methods)}",
+             f"  TensorBoard     tensorboard --logdir {out}",
+             f"  classification  {out}/transfer/<dataset>/<protocol>/<method>/",
+             f"  Mask R-CNN      {out}/coco/<method>/  (visualizations/, metrics.json, model_final.pth)",
+             f"  UperNet         {out}/ade20k/<method>/  (overlays/, train_loss.json)",
+             f"  results store   {out}/results.jsonl",
+             f"  tables          {tables}/  (Markdown, CSV, LaTeX, HTML; deltas_vs_mae.png)"]
+    return "\n\n".join([*shown, "\n".join(where)])
+
+
+def demo(options: ChainOptions) -> int:
+    started = time.perf_counter()
+    run_chain(options)
+    print("\n" + final_screen(options.out, options.methods))
+    print(f"\nchain finished in {(time.perf_counter() - started) / 60:.1f} min "
+          f"(a second run reuses every finished step; --fresh starts over)")
+    return 0
+
+
+def regression(options: ChainOptions, baseline_path: Path, update: bool) -> int:
+    """Run the chain fresh at CI size and compare with the baseline (or, with ``update``, rewrite its values).
+    One thread per step whatever the machine, so a step's numbers do not depend on the core count."""
+    options = replace(options, fresh=True, size="ci", threads=1)
+    run_chain(options)
+    measured = measure(options.out, options.methods)
+    write_json(options.out / "measured.json", measured)
+    if update:
+        old = json.loads(baseline_path.read_text()) if baseline_path.is_file() else {}
+        baseline = {"size": asdict(SIZES["ci"]), "seed": options.seed, "environment": environment(),
+                    "data": str(options.data_root) if options.data_root else "embedded",
+                    "tolerances": old.get("tolerances", DEFAULT_TOLERANCES), "spread": old.get("spread"),
+                    "values": measured}
+        write_json(baseline_path, baseline)
+        print(f"wrote {len(measured)} values to {baseline_path}; review the diff (git diff {baseline_path})")
+        return 0
+    return report(compare(read_baseline(baseline_path), measured), baseline_path, options.out)
+
+
+def report(rows: Sequence[Row], baseline_path: Path, out: Path) -> int:
+    """Print the drifts as a table of expected vs got (the full table goes to ``out/regression.md``); 1 on drift."""
+    (out / "regression.md").write_text(comparison_table(rows) + "\n")
+    drifts = [row for row in rows if not row.ok]
+    if drifts:
+        print(comparison_table(drifts))
+        print(f"REGRESSION: {len(drifts)} of {len(rows)} measurements outside the tolerances of {baseline_path} "
+              f"(full table: {out / 'regression.md'})")
+        return 1
+    print(f"regression: all {len(rows)} measurements within the tolerances of {baseline_path} "
+          f"(table: {out / 'regression.md'})")
+    return 0
+
+
+# Before `spread` has measured anything: only rounding-level changes pass.
+DEFAULT_TOLERANCES = {name: {"absolute": 0.5} for name in ("classification", "detection", "segmentation")} | {
+    f"{name}-loss": {"relative": 0.01} for name in ("pretrain", "detection", "segmentation")}
+SPREAD_FACTOR = 3.0  # tolerance = 3 standard deviations of the seed-to-seed spread
+FLOORS = {"absolute": 0.5, "relative": 0.005}
+
+
+def spread(options: ChainOptions, seeds: Sequence[int], baseline_path: Path) -> int:
+    """Run the CI chain under each seed; per family, tolerance = 3 × the largest standard deviation of a
+    measurement across seeds (absolute for metrics, relative to the mean for loss curves); write them."""
+    runs = []
+    for seed in seeds:
+        seed_options = replace(options, fresh=True, size="ci", seed=seed, threads=1, out=options.out / f"seed{seed}")
+        run_chain(seed_options)
+        runs.append(measure(seed_options.out, options.methods))
+    keys = sorted(set.intersection(*(set(run) for run in runs)))
+    worst: dict[str, float] = {}
+    for key in keys:
+        samples = [run[key] for run in runs]
+        deviation = statistics.stdev(samples)
+        if family(key).endswith("-loss"):
+            deviation /= abs(statistics.fmean(samples))
+        worst[family(key)] = max(worst.get(family(key), 0.0), deviation)
+    tolerances = {}
+    for name, deviation in worst.items():
+        kind = "relative" if name.endswith("-loss") else "absolute"
+        tolerances[name] = {kind: round(max(SPREAD_FACTOR * deviation, FLOORS[kind]), 4)}
+    baseline = json.loads(baseline_path.read_text()) if baseline_path.is_file() else {"values": {}}
+    baseline["tolerances"] = tolerances
+    baseline["spread"] = {"seeds": list(seeds), "largest_std": {k: round(v, 5) for k, v in worst.items()},
+                          "factor": SPREAD_FACTOR, "floors": FLOORS, "environment": environment()}
+    write_json(baseline_path, baseline)
+    print(json.dumps(baseline["spread"], indent=1))
+    print(f"tolerances written to {baseline_path}: {json.dumps(tolerances)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mimbench.chain", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, default_out in (("demo", "runs/demo"), ("regression", "runs/regression"), ("spread", "runs/spread")):
+        command = commands.add_parser(name)
+        command.add_argument("--out", type=Path, default=Path(default_out))
+        command.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+        command.add_argument("--jobs", type=int, default=DEFAULT_JOBS,
+                             help=f"steps run at once, each on cores/jobs threads (default {DEFAULT_JOBS})")
+        if name == "demo":
+            command.add_argument("--fresh", action="store_true", help="start over instead of reusing finished steps")
+            command.add_argument("--size", choices=list(SIZES), default="demo")
+        else:
+            command.add_argument("--data-root", type=Path, help=f"real benchmarks laid out as\n{REAL_LAYOUT}")
+            command.add_argument("--baseline", type=Path, help="default: regression/baseline.json "
+                                                               "(baseline-real.json with --data-root)")
+        if name == "regression":
+            command.add_argument("--update", action="store_true", help="rewrite the baseline's values")
+        if name == "spread":
+            command.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    args = parser.parse_args(argv)
+    options = ChainOptions(out=args.out, methods=args.methods, jobs=args.jobs)
+    try:
+        if args.command == "demo":
+            return demo(replace(options, fresh=args.fresh, size=args.size))
+        options = replace(options, data_root=args.data_root)
+        baseline = args.baseline or BASELINES[args.data_root is not None]
+        if args.command == "regression":
+            return regression(options, baseline, args.update)
+        return spread(options, args.seeds, baseline)
+    except ChainError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

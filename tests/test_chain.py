@@ -1,0 +1,192 @@
+"""The whole chain (`make demo`, `make regression`): the plan, step reuse, the comparison, and the CI-size chain
+itself run end to end against the committed baseline."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+
+import pytest
+
+from mimbench import chain
+from mimbench.chain import SIZES, ChainError, Step, Tolerance, compare, family, plan, curve_summary, report, run_steps
+
+BASELINE = {
+    "tolerances": {"classification": {"absolute": 1.0}, "detection": {"absolute": 2.0},
+                   "pretrain-loss": {"relative": 0.05}},
+    "values": {"mae/classification/digits/linear/top1": 90.0, "mae/detection/coco-embedded/mask-rcnn/AP_bbox": 40.0,
+               "mae/pretrain/loss/q1": 1.0},
+}
+
+
+def test_families_and_tolerances():
+    assert family("mixedae/classification/digits/finetune/top1") == "classification"
+    assert family("rcmae/pretrain/loss/q3") == "pretrain-loss"
+    assert family("mae/segmentation/loss/q1") == "segmentation-loss"
+    assert Tolerance(absolute=1.0).allows(90.0, 91.0) and not Tolerance(absolute=1.0).allows(90.0, 91.01)
+    assert Tolerance(relative=0.05).allows(2.0, 2.1) and not Tolerance(relative=0.05).allows(2.0, 2.11)
+
+
+def test_curve_summary():
+    assert curve_summary([4, 4, 3, 3, 2, 2, 1, 1]) == {"q1": 4, "q2": 3, "q3": 2, "q4": 1}
+    assert curve_summary(list(range(10))) == {"q1": 0.5, "q2": 3.0, "q3": 6.0, "q4": 8.5}  # bounds 0,2,5,8,10
+    assert curve_summary([2.5, 2.0]) == {"p1": 2.5, "p2": 2.0}  # short curves point by point
+    with pytest.raises(ChainError, match="logged no loss"):
+        curve_summary([])
+
+
+def test_within_tolerance_passes(tmp_path, capsys):
+    measured = {"mae/classification/digits/linear/top1": 90.9, "mae/detection/coco-embedded/mask-rcnn/AP_bbox": 38.1,
+                "mae/pretrain/loss/q1": 1.04}
+    rows = compare(BASELINE, measured)
+    assert all(row.ok for row in rows) and len(rows) == 3
+    assert report(rows, tmp_path / "baseline.json", tmp_path) == 0
+    assert "regression: all 3 measurements within the tolerances" in capsys.readouterr().out
+    assert "| mae/pretrain/loss/q1" in (tmp_path / "regression.md").read_text()
+
+
+def test_a_drift_fails_with_a_table_of_expected_vs_got(tmp_path, capsys):
+    measured = {"mae/classification/digits/linear/top1": 88.5,  # 1.5 points below, tolerance 1
+                "mae/detection/coco-embedded/mask-rcnn/AP_bbox": 40.0, "mae/pretrain/loss/q1": 1.2}  # +20%, tol 5%
+    rows = compare(BASELINE, measured)
+    assert [row.key for row in rows if not row.ok] == ["mae/classification/digits/linear/top1",
+                                                       "mae/pretrain/loss/q1"]
+    assert report(rows, tmp_path / "baseline.json", tmp_path) == 1
+    out = capsys.readouterr().out
+    assert "REGRESSION: 2 of 3 measurements outside the tolerances" in out
+    drift_line = next(line for line in out.splitlines() if "digits/linear/top1" in line)
+    assert [cell.strip() for cell in drift_line.strip("|").split("|")] == [
+        "mae/classification/digits/linear/top1", "90", "88.5", "-1.5", "±1", "DRIFT"]
+    assert "AP_bbox" not in out.split("REGRESSION")[0]  # only drifts are printed
+
+
+def test_missing_and_new_measurements_fail():
+    rows = {row.key: row for row in compare(BASELINE, {"mae/classification/digits/linear/top1": 90.0,
+                                                        "mae/pretrain/loss/q1": 1.0,
+                                                        "mae/classification/digits/linear/val_top1": 91.0})}
+    assert rows["mae/detection/coco-embedded/mask-rcnn/AP_bbox"].status == "MISSING"
+    assert rows["mae/classification/digits/linear/val_top1"].status == "NEW (not in the baseline)"
+    assert not rows["mae/detection/coco-embedded/mask-rcnn/AP_bbox"].ok
+    with pytest.raises(ChainError, match="no tolerance for 'segmentation'"):
+        compare(BASELINE, {"mae/segmentation/ade20k-embedded/upernet/mIoU": 50.0})
+
+
+def test_baseline_errors(tmp_path):
+    with pytest.raises(ChainError, match="no baseline at .*make regression-update"):
+        chain.read_baseline(tmp_path / "none.json")
+    (tmp_path / "bad.json").write_text(json.dumps({"values": {}}))
+    with pytest.raises(ChainError, match="not a regression baseline"):
+        chain.read_baseline(tmp_path / "bad.json")
+
+
+def test_the_committed_baseline_covers_every_step_of_the_ci_chain():
+    baseline = chain.read_baseline(chain.BASELINES[False])
+    keys = set(baseline["values"])
+    for method in chain.METHODS:
+        for prefix in (f"{method}/classification/digits/linear/top1", f"{method}/classification/digits/finetune/top1",
+                       f"{method}/detection/coco-embedded/mask-rcnn/AP_segm",
+                       f"{method}/segmentation/ade20k-embedded/upernet/mIoU", f"{method}/pretrain/loss/q4",
+                       f"{method}/detection/loss/q4", f"{method}/segmentation/loss/q4"):
+            assert prefix in keys
+    assert {family(key) for key in keys} <= set(baseline["tolerances"])
+    assert baseline["spread"]["seeds"] and baseline["size"] == chain.asdict(SIZES["ci"])
+
+
+def test_plan_on_embedded_data(tmp_path):
+    steps = plan(SIZES["demo"], tmp_path)
+    names = [step.name for step in steps]
+    assert names[:4] == ["backbones: summary and a checkpoint round trip", "pretrain mae", "pretrain rcmae",
+                         "pretrain mixedae"]
+    assert names[-1] == "tables" and len(steps) == 1 + 3 + 3 * 4 + 1
+    coco = next(step for step in steps if step.name == "coco rcmae")
+    assert "--embedded" in coco.command and str(tmp_path / "rcmae" / "encoder.safetensors") in coco.command
+    assert all("--data-root" not in step.command for step in steps)
+
+
+def test_plan_on_real_subsets(tmp_path):
+    for folder in ("cifar10", "coco", "unrelated"):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+    size = SIZES["ci"]
+    steps = plan(size, tmp_path / "out", tmp_path / "data", methods=["mae"])
+    names = [step.name for step in steps]
+    assert names == ["backbones: summary and a checkpoint round trip", "pretrain mae", "cifar10 linear mae",
+                     "cifar10 finetune mae", "coco mae", "tables"]  # no ADE20K folder: no ADE20K step
+    cifar = steps[2].command
+    assert cifar[cifar.index("--data-root") + 1] == str(tmp_path / "data" / "cifar10")
+    assert cifar[cifar.index("--per-class") + 1] == str(size.per_class)
+    coco = steps[4].command
+    assert coco[coco.index("--subset") + 1] == str(size.coco_images)
+    assert coco[coco.index("--preset") + 1] == "embedded_cpu" and "--embedded" not in coco
+
+
+def test_finished_steps_are_reused_and_failures_named(tmp_path):
+    counter = tmp_path / "runs.txt"
+    script = f"open({str(counter)!r}, 'a').write('x')"
+    step = Step("count", [sys.executable, "-c", script], tmp_path / "count")
+    run_steps([step])
+    run_steps([step])
+    assert counter.read_text() == "x"  # the second run skipped it
+    changed = Step("count", [sys.executable, "-c", script + " or 1"], tmp_path / "count")
+    run_steps([changed])
+    assert counter.read_text() == "xx"  # a changed command runs again
+    failing = Step("broken", [sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "broken")
+    with pytest.raises(ChainError, match="step 'broken' failed \\(exit 3\\)"):
+        run_steps([failing])
+    assert not (tmp_path / "broken" / chain.DONE).exists()
+
+
+def test_parallel_steps_respect_their_order_and_report_a_failure(tmp_path):
+    def step(name, code, after=()):
+        return Step(name, [sys.executable, "-c", code], tmp_path / name, after=after)
+
+    first = step("first", f"import time; time.sleep(1); open({str(tmp_path / 'a')!r}, 'w').write('a')")
+    needs_first = step("needs-first", f"import os; assert os.path.exists({str(tmp_path / 'a')!r}); print('threads',"
+                                      f" os.environ['OMP_NUM_THREADS'])", after=("first",))
+    free = step("free", "print('free')")
+    log = io.StringIO()
+    run_steps([first, needs_first, free], jobs=2, threads=1, log=log)
+    lines = log.getvalue().splitlines()
+    assert lines.index("[3/3] free: done in 0 s") < lines.index("[2/3] needs-first: done in 0 s")  # ran beside first
+    assert (tmp_path / "needs-first" / "chain.log").read_text().strip() == "threads 1"
+    broken = step("broken", "import sys; print('step 1/3'); print('bad input: x', file=sys.stderr); sys.exit(2)")
+    with pytest.raises(ChainError, match="(?s)step 'broken' failed \\(exit 2\\).*step 1/3\nbad input: x"):
+        run_steps([broken, step("after-broken", "pass", after=("broken",))], jobs=2, log=log)
+    assert not (tmp_path / "after-broken").exists()
+
+
+def test_ci_chain_end_to_end_matches_the_baseline(tmp_path, capsys):
+    """The demo's path at its smallest size: pretraining of the three methods, every transfer, the tables,
+    then every metric and loss curve against regression/baseline.json."""
+    assert chain.main(["regression", "--out", str(tmp_path / "regression")]) == 0, capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "regression: all" in out and "within the tolerances" in out
+    measured = json.loads((tmp_path / "regression" / "measured.json").read_text())
+    assert len(measured) == len(chain.read_baseline(chain.BASELINES[False])["values"])
+    assert (tmp_path / "regression" / "tables" / "other.md").is_file()
+    screen = chain.final_screen(tmp_path / "regression", chain.METHODS)
+    assert "MixedAE" in screen and f"{tmp_path / 'regression'}/coco/<method>/" in screen
+
+
+def test_every_entry_point_wants_data_root_or_embedded(tmp_path, capsys):
+    """Without --data-root and without --embedded nothing runs: the message names the layout and the way to the
+    embedded data, so the demo data is never mistaken for the benchmark."""
+    from mimbench.pretrain.run import main as pretrain
+    from mimbench.transfer.run import main as transfer
+
+    ckpt = str(tmp_path / "x.safetensors")
+    with pytest.raises(SystemExit) as stopped:
+        pretrain(["--method", "mae", "--out", str(tmp_path / "p")])
+    assert "--data-root DIR (ImageNet-style <DIR>/<class>/<image>" in str(stopped.value.code)
+    assert "--embedded" in str(stopped.value.code)
+    with pytest.raises(SystemExit):
+        transfer(["coco", "--ckpt", ckpt])
+    message = capsys.readouterr().err
+    assert "annotations/instances_{train,val}2017.json, train2017/, val2017/" in message and "--embedded" in message
+    assert transfer(["ade20k", "--ckpt", ckpt]) == 1
+    message = capsys.readouterr().err
+    assert "images/training, images/validation, annotations/training" in message and "--embedded" in message
+    assert transfer(["cifar10", "--ckpt", ckpt]) == 1
+    message = capsys.readouterr().err
+    assert "<root>/cifar-10-batches-py/" in message and "transfer/run.py digits" in message
+    assert not (tmp_path / "p").exists()
