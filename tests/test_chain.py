@@ -72,6 +72,23 @@ def test_missing_and_new_measurements_fail():
         compare(BASELINE, {"mae/segmentation/ade20k-embedded/upernet/mIoU": 50.0})
 
 
+def test_tolerances_from_the_seed_spread():
+    runs = [{"m/classification/d/linear/top1": 90.0, "m/detection/c/mask-rcnn/AP": 1.0, "m/pretrain/loss/q1": 2.0},
+            {"m/classification/d/linear/top1": 92.0, "m/detection/c/mask-rcnn/AP": 1.1, "m/pretrain/loss/q1": 2.2},
+            {"m/classification/d/linear/top1": 94.0, "m/detection/c/mask-rcnn/AP": 0.9, "m/pretrain/loss/q1": 2.4}]
+    tolerances, worst = chain.tolerances_from(runs)
+    assert tolerances["m/classification/d/linear/top1"] == {"absolute": 6.0}  # 3 x std 2.0
+    assert tolerances["m/detection/c/mask-rcnn/AP"] == {"absolute": 0.5}  # 3 x 0.1 is below the floor
+    assert tolerances["m/pretrain/loss/q1"] == {"relative": 0.2727}  # 3 x std 0.2 / mean 2.2, rounded
+    assert worst == pytest.approx({"classification": 2.0, "detection": 0.1, "pretrain-loss": 0.2 / 2.2})
+    assert tolerances["classification"] == {"absolute": 6.0}
+    rows = {row.key: row for row in compare({"tolerances": tolerances, "values": runs[0]},
+                                            {**runs[0], "m/classification/d/linear/top1": 95.9})}
+    assert rows["m/classification/d/linear/top1"].ok  # its own tolerance, not the family's
+    assert not compare({"tolerances": tolerances, "values": runs[0]},
+                       {**runs[0], "m/classification/d/linear/top1": 96.1})[0].ok
+
+
 def test_baseline_errors(tmp_path):
     with pytest.raises(ChainError, match="no baseline at .*make regression-update"):
         chain.read_baseline(tmp_path / "none.json")
@@ -89,8 +106,8 @@ def test_the_committed_baseline_covers_every_step_of_the_ci_chain():
                        f"{method}/segmentation/ade20k-embedded/upernet/mIoU", f"{method}/pretrain/loss/q4",
                        f"{method}/detection/loss/q4", f"{method}/segmentation/loss/q4"):
             assert prefix in keys
-    assert {family(key) for key in keys} <= set(baseline["tolerances"])
-    assert baseline["spread"]["seeds"] and baseline["size"] == chain.asdict(SIZES["ci"])
+    assert {family(key) for key in keys} | keys <= set(baseline["tolerances"])
+    assert len(baseline["spread"]["seeds"]) >= 3 and baseline["size"] == chain.asdict(SIZES["ci"])
 
 
 def test_plan_on_embedded_data(tmp_path):
