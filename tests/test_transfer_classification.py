@@ -293,3 +293,12 @@ def test_imagenet_recipe_runs_with_timm_augmentation_mixup_and_accumulation(tmp_
     losses = [epoch["train_loss"] for epoch in result.config["history"]]
     assert len(losses) == 2 and all(0 < loss < 10 for loss in losses)
     assert 0 <= result.value <= 100 and result.metric == "top1"
+
+
+def test_the_fresh_head_is_drawn_from_the_seed(tmp_path):
+    """A fine-tune with a fixed seed repeats exactly: the head, the only random init, comes from the seed."""
+    ckpt = save_backbone(tmp_path / "tiny.safetensors", create_backbone("vit_tiny_patch4_32"),
+                         CheckpointMetadata(method="mae", arch="vit_tiny_patch4_32"))
+    heads = [build_classifier(str(ckpt), 10, FinetuneConfig(seed=seed))[0].head.weight for seed in (0, 0, 1)]
+    assert torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], heads[2])
+    assert 0 < heads[0].std() < 1e-4  # MAE's trunc-normal std 2e-5

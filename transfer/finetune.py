@@ -119,7 +119,9 @@ def build_classifier(checkpoint: str, num_classes: int, config: FinetuneConfig, 
     model, report = backbone_from_checkpoint(checkpoint, arch=arch, num_classes=num_classes,
                                              global_pool=config.global_pool, drop_path_rate=config.drop_path,
                                              **({"img_size": config.image_size} if config.image_size else {}))
-    nn.init.trunc_normal_(model.head.weight, std=2e-5 if not config.frozen_backbone else 0.01)
+    # The head is the only random init: drawn from the seed, so a run with a fixed seed repeats exactly.
+    nn.init.trunc_normal_(model.head.weight, std=2e-5 if not config.frozen_backbone else 0.01,
+                          generator=torch.Generator().manual_seed(config.seed))
     nn.init.zeros_(model.head.bias)
     if config.frozen_backbone:
         for parameter in model.parameters():
