@@ -374,10 +374,9 @@ def read_baseline(path: Path) -> dict[str, Any]:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.tmp")
-    partial.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    os.replace(partial, path)
+    from mimbench.backbones.checkpoint import atomic_write  # here: it imports torch, which the chain needs rarely
+
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n"))
 
 
 def environment(options: ChainOptions) -> dict[str, Any]:
@@ -505,7 +504,9 @@ def regression(options: ChainOptions, baseline_path: Path, update: bool) -> int:
 
 def report(rows: Sequence[Row], baseline_path: Path, out: Path) -> int:
     """Print the drifts as a table of expected vs got (the full table goes to ``out/regression.md``); 1 on drift."""
-    (out / "regression.md").write_text(comparison_table(rows) + "\n")
+    from mimbench.backbones.checkpoint import atomic_write
+
+    atomic_write(out / "regression.md", lambda tmp: tmp.write_text(comparison_table(rows) + "\n"))
     drifts = [row for row in rows if not row.ok]
     if drifts:
         print(comparison_table(drifts))
