@@ -12,9 +12,16 @@ skips it while the command is unchanged, so ``make demo`` twice redoes nothing (
 
 Regression: the chain at CI size (fixed seed) on the embedded data gives every metric of every downstream record
 and each loss curve (the mean of each quarter of it); these are compared with ``regression/baseline.json``.
-Its tolerances come from ``spread``: the same chain under other seeds, 3 standard deviations per measurement. A different CPU, thread count or
-library build perturbs float rounding, which after a few hundred steps is a new random trajectory, so the
-seed-to-seed spread bounds what an unchanged program can move; a change of behaviour beyond it is a drift.
+Its tolerances come from ``spread``: the same chain under other seeds, 3 standard deviations per measurement.
+
+What decides float rounding is pinned and recorded in the baseline (``PINS``): fp32 (no bf16 autocast, which
+only CPUs with native bf16 would pick), one thread per step, and torch's AVX2 kernels on x86 (``PIN_ENV``: an
+AVX-512 CPU otherwise rounds differently, and after a few hundred steps that is a new random trajectory). Pinned,
+the chain reproduces the baseline's numbers bit for bit on AVX2-only and AVX-512 machines alike. Every record
+says what it was computed under; numbers made under other settings than the baseline's pins are not compared
+against the seed spread (they would drift by chance) but refused by name, unless the baseline holds
+``unpinned_tolerances``: a spread measured with the kernel ISA left to the machine (``spread --unpinned``), for
+platforms where it cannot be pinned.
 """
 
 from __future__ import annotations
@@ -42,6 +49,9 @@ DONE = "chain-step.json"
 # loops, data loading), so two of them on two cores finish sooner than one after the other on two threads
 # (measured: the CI-size chain in 7.1 minutes instead of 10.0 on a 2-core AMD EPYC).
 DEFAULT_JOBS = 2
+# What the regression pins (see the module docstring), and the environment that pins torch's kernel ISA.
+PINS = {"precision": "fp32", "threads": 1, "cpu_capability": "AVX2"}
+PIN_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
 @dataclass(frozen=True)
@@ -98,12 +108,14 @@ def python_script(script: str, *args: str) -> list[str]:
 
 
 def plan(size: ChainSize, out: Path, data_root: Path | None = None,
-         methods: Sequence[str] = METHODS) -> list[Step]:
+         methods: Sequence[str] = METHODS, precision: str | None = None) -> list[Step]:
     """Every step of the chain, in order. Pretraining is always on the embedded photos; downstream runs on the
-    embedded sets, or with ``data_root`` on the fixed small subsets of each real benchmark found there."""
+    embedded sets, or with ``data_root`` on the fixed small subsets of each real benchmark found there.
+    ``precision`` (auto | fp32 | bf16) goes to every training and evaluation step; None leaves each its default."""
     out = Path(out)
     store = str(out / "results.jsonl")
     seed = str(size.seed)
+    computed = ["--precision", precision] if precision else []
     steps = [Step("backbones: summary and a checkpoint round trip",
                   [sys.executable, "-m", "mimbench.backbones.cli", "demo", "--out", str(out / "backbones")],
                   out / "backbones")]
@@ -111,10 +123,10 @@ def plan(size: ChainSize, out: Path, data_root: Path | None = None,
         steps.append(Step(f"pretrain {method}", python_script(
             "pretrain/run.py", "--method", method, "--embedded", "--epochs", str(size.pretrain_epochs),
             "--warmup-epochs", str(size.pretrain_warmup_epochs), "--samples-per-epoch", str(size.samples_per_epoch),
-            "--seed", seed, "--out", str(out / method)), out / method))
+            "--seed", seed, *computed, "--out", str(out / method)), out / method))
     for method in methods:
         ckpt = str(out / method / "encoder.safetensors")
-        common = ["--ckpt", ckpt, "--results", store, "--seed", seed]
+        common = ["--ckpt", ckpt, "--results", store, "--seed", seed, *computed]
         if data_root is None:
             classification = [("digits", [], {"linear": size.linear, "finetune": size.finetune})]
         else:
@@ -151,7 +163,7 @@ def plan(size: ChainSize, out: Path, data_root: Path | None = None,
 
 
 def run_steps(steps: Sequence[Step], jobs: int = 1, threads: int | None = None, log: Any = sys.stdout,
-              heartbeat_s: float = 30.0) -> None:
+              heartbeat_s: float = 30.0, extra_env: dict[str, str] | None = None) -> None:
     """Run every step not already done, up to ``jobs`` at once, each after the steps it needs.
 
     One job: a step's own output (progress bars included) goes to the terminal. Several: each step writes
@@ -160,7 +172,7 @@ def run_steps(steps: Sequence[Step], jobs: int = 1, threads: int | None = None, 
     running steps finish (their work is kept), then raises naming the step, its command and its log's tail.
     """
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), **(extra_env or {})}
     number = {step.name: k for k, step in enumerate(steps, 1)}
     done = {step.name for step in steps if step.is_done()}
     for step in steps:
@@ -208,7 +220,7 @@ def run_steps(steps: Sequence[Step], jobs: int = 1, threads: int | None = None, 
 
 def start(step: Step, jobs: int, env: dict[str, str], number: str, log: Any) -> subprocess.Popen:
     print(f"{number} {step.name}\n  $ {' '.join(step.command)}", file=log, flush=True)
-    # The dense adapters resume an interrupted run of theirs in the same folder instead of refusing it.
+    # An interrupted step continues its run in the same folder (every entry point's --resume rule).
     command = step.command + (["--resume"] if resumable(step) else [])
     if jobs == 1:
         return subprocess.Popen(command, env=env)
@@ -230,9 +242,8 @@ def log_tail(path: Path, lines: int) -> str:
 
 
 def resumable(step: Step) -> bool:
-    """A coco / ade20k step whose folder holds an interrupted run (a checkpoint pointer) continues it."""
-    task = step.command[2] if len(step.command) > 2 else ""
-    return task in ("coco", "ade20k") and (step.folder / "last_checkpoint").is_file()
+    """A training or transfer step: it continues what an interrupted run left in its folder."""
+    return len(step.command) > 1 and step.command[1].endswith(("pretrain/run.py", "transfer/run.py"))
 
 
 class ChainError(RuntimeError):
@@ -267,10 +278,13 @@ def pretrain_losses(run: Path) -> list[float]:
     return [by_step[step] for step in sorted(by_step)]
 
 
-def measure(out: Path, methods: Sequence[str] = METHODS) -> dict[str, float]:
+def measure(out: Path, methods: Sequence[str] = METHODS,
+            settings: dict[str, dict[str, Any]] | None = None) -> dict[str, float]:
     """Every number the regression compares, by name: ``<method>/<task>/<dataset>/<protocol>/<metric>`` for each
     metric of each record in the chain's store, ``<method>/<curve>/loss/q<k>`` for each loss curve's quarters
-    (see `curve_summary`)."""
+    (see `curve_summary`). ``settings``, when given, receives what each number was computed under (the record's
+    or the pretraining cost record's ``compute``: precision, threads, CPU kernel ISA)."""
+    settings = {} if settings is None else settings
     from mimbench.results import read_results
 
     records, malformed = read_results(out / "results.jsonl")
@@ -284,6 +298,7 @@ def measure(out: Path, methods: Sequence[str] = METHODS) -> dict[str, float]:
                 if key in values:
                     raise ChainError(f"{key} is in the store twice; measure a fresh chain")
                 values[key] = float(value)
+                settings[key] = record.compute
     for method in methods:
         curves = {"pretrain": pretrain_losses(out / method)}
         coco_curve = out / "coco" / method / "loss_curve.json"
@@ -292,10 +307,27 @@ def measure(out: Path, methods: Sequence[str] = METHODS) -> dict[str, float]:
         ade_curve = out / "ade20k" / method / "train_loss.json"
         if ade_curve.is_file():
             curves["segmentation"] = json.loads(ade_curve.read_text())
+        cost = out / method / "cost.json"
+        computed = {"pretrain": json.loads(cost.read_text()).get("compute", {}) if cost.is_file() else {}}
+        for record in records:  # a dense run's curve was computed under its record's settings
+            if record.method == method and record.task in ("detection", "segmentation"):
+                computed[record.task] = record.compute
         for name, curve in curves.items():
             for part, mean in curve_summary(curve).items():
                 values[f"{method}/{name}/loss/{part}"] = mean
+                settings[f"{method}/{name}/loss/{part}"] = computed.get(name, {})
     return values
+
+
+def unpinned(pins: dict[str, Any], settings: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Each measurement computed under other settings than the pins: ``key -> "precision bf16 (pinned fp32)"``."""
+    differ = {}
+    for key, computed in settings.items():
+        wrong = [f"{name} {computed.get(name)} (pinned {pinned})" for name, pinned in pins.items()
+                 if computed.get(name) != pinned]
+        if wrong:
+            differ[key] = ", ".join(wrong)
+    return differ
 
 
 # ------------------------------------------------------------------------------------------------ comparing
@@ -333,13 +365,27 @@ class Row:
         return "ok" if self.ok else "DRIFT"
 
 
-def compare(baseline: dict[str, Any], measured: dict[str, float]) -> list[Row]:
-    """One row per measurement in either the baseline or this run; drifts first."""
-    tolerances = {name: Tolerance(**spec) for name, spec in baseline["tolerances"].items()}
+def compare(baseline: dict[str, Any], measured: dict[str, float],
+            settings: dict[str, dict[str, Any]] | None = None) -> list[Row]:
+    """One row per measurement in either the baseline or this run; drifts first.
+
+    With ``settings`` (what each measurement was computed under, from :func:`measure`) and pins in the baseline,
+    a measurement made under other settings is compared with the baseline's ``unpinned_tolerances`` (a spread
+    across those settings); where the baseline has none, the comparison is refused, naming the settings."""
+    differ = unpinned(baseline.get("pins", {}), settings or {})
+    if differ and "unpinned_tolerances" not in baseline:
+        shown = "; ".join(f"{key}: {why}" for key, why in list(differ.items())[:4])
+        raise ChainError(f"{len(differ)} measurements were computed under other settings than the baseline pins "
+                         f"({shown}{'; ...' if len(differ) > 4 else ''}); their numbers cannot be compared with its "
+                         "seed spread. Run `make regression` (it pins them), or measure a spread across those "
+                         "settings with `python -m mimbench.chain spread --unpinned`")
+    pinned = {name: Tolerance(**spec) for name, spec in baseline["tolerances"].items()}
+    loose = {name: Tolerance(**spec) for name, spec in baseline.get("unpinned_tolerances", {}).items()}
     expected_values: dict[str, float] = baseline["values"]
     rows = []
     for key in sorted(set(expected_values) | set(measured)):
         expected, got = expected_values.get(key), measured.get(key)
+        tolerances = loose if key in differ else pinned
         tolerance = tolerances.get(key) or tolerances.get(family(key))  # the measurement's own, else its family's
         if tolerance is None:
             raise ChainError(f"the baseline has no tolerance for {family(key)!r} (measurement {key})")
@@ -374,7 +420,7 @@ def read_baseline(path: Path) -> dict[str, Any]:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    from mimbench.backbones.checkpoint import atomic_write  # here: it imports torch, which the chain needs rarely
+    from mimbench.core.io import atomic_write
 
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n"))
 
@@ -406,6 +452,8 @@ class ChainOptions:
     jobs: int = 1  # steps run at once
     threads: int | None = None  # OMP threads per step (None: the cores shared among the jobs)
     methods: list[str] = field(default_factory=lambda: list(METHODS))
+    precision: str | None = None  # every step's --precision (None: each step's default, auto)
+    pin_isa: bool = False  # torch's AVX2 kernels in every step (PIN_ENV), where the CPU has them
 
 
 def run_chain(options: ChainOptions, log: Any = sys.stdout) -> list[Step]:
@@ -414,14 +462,22 @@ def run_chain(options: ChainOptions, log: Any = sys.stdout) -> list[Step]:
     size = replace(SIZES[options.size], seed=options.seed)
     if options.data_root is not None and not options.data_root.is_dir():
         raise ChainError(f"--data-root {options.data_root}: not a directory; expected\n{REAL_LAYOUT}")
-    steps = plan(size, options.out, options.data_root, options.methods)
+    steps = plan(size, options.out, options.data_root, options.methods, options.precision)
     if options.data_root is not None:
         found = [name for name in (*CLASSIFICATION_DATASETS, "coco", "ADEChallengeData2016")
                  if (options.data_root / name).is_dir()]
         print(f"real subsets under {options.data_root}: {', '.join(found) or 'none found'} "
               f"(expected layout:\n{REAL_LAYOUT})", file=log, flush=True)
-    run_steps(steps, options.jobs, options.threads, log)
+    run_steps(steps, options.jobs, options.threads, log, extra_env=PIN_ENV if options.pin_isa and can_pin_isa() else None)
     return steps
+
+
+def can_pin_isa() -> bool:
+    """Whether PIN_ENV can give torch's AVX2 kernels here: an x86 CPU that has AVX2."""
+    import platform
+
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    return platform.machine() in ("x86_64", "AMD64") and "avx2" in cpuinfo.split()
 
 
 # The headline number of each embedded run, as the final screen shows it
@@ -484,27 +540,32 @@ def demo(options: ChainOptions) -> int:
 
 
 def regression(options: ChainOptions, baseline_path: Path, update: bool) -> int:
-    """Run the chain fresh at CI size and compare with the baseline (or, with ``update``, rewrite its values).
-    One thread per step whatever the machine, so a step's numbers do not depend on the core count."""
-    options = replace(options, fresh=True, size="ci", threads=1)
+    """Run the chain fresh at CI size under the pins (module docstring) and compare with the baseline (or, with
+    ``update``, rewrite its values)."""
+    options = replace(options, fresh=True, size="ci", threads=PINS["threads"], precision=PINS["precision"],
+                      pin_isa=True)
     run_chain(options)
-    measured = measure(options.out, options.methods)
+    settings: dict[str, dict[str, Any]] = {}
+    measured = measure(options.out, options.methods, settings)
     write_json(options.out / "measured.json", measured)
+    write_json(options.out / "settings.json", settings)
     if update:
         old = json.loads(baseline_path.read_text()) if baseline_path.is_file() else {}
         baseline = {"size": asdict(SIZES["ci"]), "seed": options.seed, "environment": environment(options),
                     "data": str(options.data_root) if options.data_root else "embedded",
-                    "tolerances": old.get("tolerances", DEFAULT_TOLERANCES), "spread": old.get("spread"),
+                    "pins": PINS, "tolerances": old.get("tolerances", DEFAULT_TOLERANCES), "spread": old.get("spread"),
                     "values": measured}
+        if "unpinned_tolerances" in old:
+            baseline.update(unpinned_tolerances=old["unpinned_tolerances"], unpinned_spread=old["unpinned_spread"])
         write_json(baseline_path, baseline)
         print(f"wrote {len(measured)} values to {baseline_path}; review the diff (git diff {baseline_path})")
         return 0
-    return report(compare(read_baseline(baseline_path), measured), baseline_path, options.out)
+    return report(compare(read_baseline(baseline_path), measured, settings), baseline_path, options.out)
 
 
 def report(rows: Sequence[Row], baseline_path: Path, out: Path) -> int:
     """Print the drifts as a table of expected vs got (the full table goes to ``out/regression.md``); 1 on drift."""
-    from mimbench.backbones.checkpoint import atomic_write
+    from mimbench.core.io import atomic_write
 
     atomic_write(out / "regression.md", lambda tmp: tmp.write_text(comparison_table(rows) + "\n"))
     drifts = [row for row in rows if not row.ok]
@@ -543,13 +604,17 @@ def tolerances_from(runs: Sequence[dict[str, float]]) -> tuple[dict[str, dict[st
     return tolerances, worst
 
 
-def spread(options: ChainOptions, seeds: Sequence[int], baseline_path: Path, reuse: bool = False) -> int:
+def spread(options: ChainOptions, seeds: Sequence[int], baseline_path: Path, reuse: bool = False,
+           pinned: bool = True) -> int:
     """Run the CI chain under each seed (``reuse``: keep the steps a previous spread finished) and write the
-    tolerances into the baseline; the baseline's own run (its seed) counts as one more sample."""
+    tolerances into the baseline; the baseline's own run (its seed) counts as one more sample.
+
+    ``pinned=False`` leaves the kernel ISA to the machine (precision and threads stay pinned) and writes
+    ``unpinned_tolerances``: run it on machines of each ISA the chain must pass on where pinning is impossible."""
     runs = []
     for seed in seeds:
-        seed_options = replace(options, fresh=not reuse, size="ci", seed=seed, threads=1,
-                               out=options.out / f"seed{seed}")
+        seed_options = replace(options, fresh=not reuse, size="ci", seed=seed, threads=PINS["threads"],
+                               precision=PINS["precision"], pin_isa=pinned, out=options.out / f"seed{seed}")
         run_chain(seed_options)
         runs.append(measure(seed_options.out, options.methods))
     baseline = json.loads(baseline_path.read_text()) if baseline_path.is_file() else {"values": {}}
@@ -558,13 +623,14 @@ def spread(options: ChainOptions, seeds: Sequence[int], baseline_path: Path, reu
         seeds = [*seeds, baseline["seed"]]
     if len(runs) < 2:
         raise ChainError("a spread needs two runs at least: give two seeds, or one besides the baseline's")
-    baseline["tolerances"], worst = tolerances_from(runs)
-    baseline["spread"] = {"seeds": list(seeds), "largest_std": {k: round(v, 5) for k, v in worst.items()},
-                          "factor": SPREAD_FACTOR, "floors": FLOORS,
-                          "environment": environment(replace(options, threads=1))}
+    name = "" if pinned else "unpinned_"
+    baseline[f"{name}tolerances"], worst = tolerances_from(runs)
+    baseline[f"{name}spread"] = {"seeds": list(seeds), "largest_std": {k: round(v, 5) for k, v in worst.items()},
+                                 "factor": SPREAD_FACTOR, "floors": FLOORS,
+                                 "environment": environment(replace(options, threads=1))}
     write_json(baseline_path, baseline)
-    print(json.dumps(baseline["spread"], indent=1))
-    print(f"{len(baseline['tolerances'])} tolerances written to {baseline_path}")
+    print(json.dumps(baseline[f"{name}spread"], indent=1))
+    print(f"{len(baseline[f'{name}tolerances'])} {name}tolerances written to {baseline_path}")
     return 0
 
 
@@ -590,6 +656,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name == "spread":
             command.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
             command.add_argument("--reuse", action="store_true", help="keep the steps an earlier spread finished")
+            command.add_argument("--unpinned", action="store_true",
+                                 help="leave the kernel ISA to the machine; writes unpinned_tolerances")
     args = parser.parse_args(argv)
     options = ChainOptions(out=args.out, methods=args.methods, jobs=args.jobs)
     try:
@@ -599,7 +667,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         baseline = args.baseline or BASELINES[args.data_root is not None]
         if args.command == "regression":
             return regression(options, baseline, args.update)
-        return spread(options, args.seeds, baseline, args.reuse)
+        return spread(options, args.seeds, baseline, args.reuse, pinned=not args.unpinned)
     except ChainError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

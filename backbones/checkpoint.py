@@ -22,9 +22,8 @@ import math
 import os
 import pickle
 import re
-import subprocess
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,9 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
+
+from mimbench.core.errors import UserError
+from mimbench.core.io import atomic_write
 
 FORMAT_TAG = "mimbench"
 # Container keys of a file that holds an EMA teacher beside the trained model (RC-MAE, DINO/iBOT, timm and
@@ -56,7 +58,7 @@ ENCODER_ROOTS = ("cls_token", "reg_token", "dist_token", "pos_embed", "patch_emb
 HEAD_ROOTS = ("head", "fc_norm")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be used: the message is one line naming the file and the problem."""
 
     def __init__(self, path: str | os.PathLike, problem: str) -> None:
@@ -133,31 +135,6 @@ def _abbreviate(keys: list[str], limit: int = 8) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- writing
-
-
-def git_commit() -> str | None:
-    """The short commit of the code that writes a checkpoint, for its metadata (None outside a git checkout)."""
-    try:
-        result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return result.stdout.strip() or None
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Write through a temporary file in the same folder and rename, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def save_backbone(

@@ -13,17 +13,16 @@ import sys
 from pathlib import Path
 
 import torch
-from tabulate import tabulate
-from torch.utils.flop_counter import FlopCounterMode
-
 from mimbench.backbones.checkpoint import (
     CheckpointError,
     CheckpointMetadata,
     backbone_from_checkpoint,
-    git_commit,
     save_backbone,
 )
 from mimbench.backbones.vit import ARCHS, count_parameters, create_backbone, default_feature_blocks, dense_features
+from mimbench.core.io import git_commit
+from tabulate import tabulate
+from torch.utils.flop_counter import FlopCounterMode
 
 
 def forward_gflops(arch: str) -> tuple[int, float]:

@@ -19,7 +19,7 @@ import timm
 import torch
 from torch.utils.data import TensorDataset
 
-from mimbench.backbones.precision import autocast_dtype
+from mimbench.core.runtime import autocast_dtype
 from mimbench.backbones.vit import ARCHS, create_backbone
 from mimbench.transfer.features import extract_features
 

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from mimbench.backbones.precision import autocast_dtype
+from mimbench.core.runtime import autocast_dtype
 from mimbench.backbones.vit import ARCHS, create_backbone, set_homologous_attention
 
 

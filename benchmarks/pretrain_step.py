@@ -17,7 +17,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from mimbench.backbones.precision import autocast_dtype
+from mimbench.core.runtime import autocast_dtype
 from mimbench.backbones.vit import ARCHS
 from mimbench.pretrain.engine import PretrainConfig, build_method
 

@@ -17,7 +17,6 @@ fresh iterator (``iter(loader)``, with ``persistent_workers=False``, the default
 
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 from typing import Callable, Iterator
@@ -27,23 +26,14 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 from torchvision import transforms
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from mimbench.core.errors import DatasetError  # noqa: F401  the pretraining data's errors
+from mimbench.core.photos import embedded_photos
 
 EXPECTED_LAYOUT = "ImageNet-style <root>/<class>/<image>.JPEG or a folder of .jpg/.png images"
-
-# Real photographs that ship inside the scikit-image wheel (skimage.data loads them from its own folder; the
-# other skimage.data images are either synthetic or downloaded on first use, which we never do).
-# `cat` is `chelsea` again, so it is left out.
-_RGB_PHOTOS = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "retina", "rocket")
-_GRAY_PHOTOS = ("camera", "coins", "moon", "brick", "grass", "gravel", "clock", "text", "page", "cell",
-                "microaneurysms")
-
-
-class DatasetError(ValueError):
-    """The pretraining data cannot be used as given; the message says what to pass instead."""
 
 
 def pretrain_transform(img_size: int) -> Callable[[Image.Image], torch.Tensor]:
@@ -84,19 +74,6 @@ class _SeededAugmentation(Dataset):
             return self.transform(image)
 
 
-@functools.cache
-def _embedded_photos() -> tuple[tuple[str, Image.Image], ...]:
-    """The bundled photographs as (name, RGB image), read once per process."""
-    import skimage.data  # only the embedded demo needs scikit-image
-
-    photos = [(name, Image.fromarray(getattr(skimage.data, name)())) for name in _RGB_PHOTOS]
-    left, right, _disparity = skimage.data.stereo_motorcycle()
-    photos += [("motorcycle_left", Image.fromarray(left)), ("motorcycle_right", Image.fromarray(right))]
-    # Grayscale photos are repeated over three channels so every sample has the same (3, S, S) shape.
-    photos += [(name, Image.fromarray(getattr(skimage.data, name)()).convert("RGB")) for name in _GRAY_PHOTOS]
-    return tuple(photos)
-
-
 class EmbeddedPhotos(_SeededAugmentation):
     """Random crops of the real photographs bundled with scikit-image: pretraining data that needs no download.
 
@@ -106,7 +83,7 @@ class EmbeddedPhotos(_SeededAugmentation):
     def __init__(self, img_size: int, samples_per_epoch: int = 2048, seed: int = 0) -> None:
         super().__init__(img_size, seed)
         self.samples_per_epoch = samples_per_epoch
-        photos = _embedded_photos()
+        photos = embedded_photos()
         self.names = [name for name, _ in photos]
         self.images = [image for _, image in photos]
 

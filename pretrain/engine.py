@@ -19,17 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
-import os
 import re
-import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.optim import param_groups_weight_decay
@@ -38,8 +34,11 @@ from torch.utils.data import DataLoader
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from mimbench.backbones.checkpoint import CheckpointMetadata, atomic_write, git_commit, read_checkpoint, save_backbone
-from mimbench.backbones.precision import autocast_dtype
+from mimbench.backbones.checkpoint import CheckpointMetadata, read_checkpoint, save_backbone
+from mimbench.core.errors import TrainingDiverged
+from mimbench.core.io import atomic_write, git_commit
+from mimbench.core.runtime import (autocast_dtype, compute_settings, finite_on_all_ranks, init_distributed, learning_rate,
+                                   peak_memory_gb, precision_name)
 from mimbench.pretrain.data import IMAGENET_MEAN, IMAGENET_STD, ShardedSampler, build_pretrain_dataset
 from mimbench.pretrain.mae import MAEConfig, MaskedAutoencoder
 from mimbench.pretrain.mixedae import MixedAEConfig, MixedAutoencoder
@@ -52,10 +51,6 @@ METHODS: dict[str, tuple[type, type[nn.Module]]] = {
     "rcmae": (RCMAEConfig, ReconstructionConsistentMAE),
     "mixedae": (MixedAEConfig, MixedAutoencoder),
 }
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept as it was."""
 
 
 @dataclass
@@ -79,57 +74,16 @@ class PretrainConfig:
     keep_checkpoints: int = 2
     compile: bool | None = None  # None: on CUDA only
     device: str | None = None  # None: cuda if available
+    precision: str = "auto"  # auto | fp32 | bf16 (mimbench.core.runtime.autocast_dtype)
     method_options: dict[str, Any] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------ small pieces
 
 
-class Schedule(Protocol):
-    """What the lr schedule reads from a config (pretraining's and fine-tuning's both have it)."""
-
-    epochs: int
-    warmup_epochs: float
-    min_lr: float
-
-
-def learning_rate(epoch: float, config: Schedule, peak_lr: float) -> float:
-    """Linear warmup, then half-cycle cosine to ``min_lr``; ``epoch`` is fractional (per optimizer step)."""
-    if epoch < config.warmup_epochs:
-        return peak_lr * epoch / config.warmup_epochs
-    progress = (epoch - config.warmup_epochs) / max(config.epochs - config.warmup_epochs, 1e-8)
-    return config.min_lr + (peak_lr - config.min_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
 def micro_batch_seed(seed: int, micro_batch: int) -> int:
     """Seed of one micro-batch on one rank: masks, mixing and drop path are a function of it alone."""
     return (seed * 1_000_003 + micro_batch) % (2 ** 63)
-
-
-@dataclass
-class Distributed:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: str | None) -> Distributed:
-    """Join the torchrun process group when launched by torchrun (RANK/WORLD_SIZE set), else run alone."""
-    wanted = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return Distributed(device=wanted)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if wanted.type == "cuda":
-        torch.cuda.set_device(local_rank)
-        wanted = torch.device("cuda", local_rank)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if wanted.type == "cuda" else "gloo")
-    return Distributed(dist.get_rank(), dist.get_world_size(), local_rank, wanted)
 
 
 def build_method(config: PretrainConfig) -> nn.Module:
@@ -139,25 +93,10 @@ def build_method(config: PretrainConfig) -> nn.Module:
     return model_class(config_class(arch=config.arch, **config.method_options))
 
 
-def finite_on_all_ranks(loss: torch.Tensor, world_size: int) -> bool:
-    """Whether the loss is finite in every process: all ranks then stop together instead of waiting on a
-    collective that a stopped rank never joins."""
-    finite = torch.isfinite(loss.detach()).float()
-    if world_size > 1:
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return finite.item() == 1
-
-
 def checkpoint_paths(out: Path) -> list[Path]:
     """Resumable checkpoints in ``out/checkpoints``, oldest first."""
     paths = (out / "checkpoints").glob("step_*.pth")
     return sorted(paths, key=lambda p: int(re.search(r"step_(\d+)", p.name).group(1)))
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
 
 
 def denormalize(images: torch.Tensor) -> torch.Tensor:
@@ -175,7 +114,7 @@ class Trainer:
         self.out = Path(config.out)
         self.dist = init_distributed(config.device)
         self.device = self.dist.device
-        self.dtype = autocast_dtype(self.device)
+        self.dtype = autocast_dtype(self.device, config.precision)
 
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         self.model = build_method(config).to(self.device)
@@ -365,6 +304,8 @@ class Trainer:
             "cpu_process_hours": round(accelerator_hours, 5) if self.device.type == "cpu" else 0.0,
             "images_per_s": round(self.images_seen / max(self.wall_seconds, 1e-9), 2),
             "peak_memory_gb": round(peak_memory_gb(self.device), 3),
+            "precision": precision_name(self.dtype),
+            "compute": compute_settings(self.device, self.dtype),
         }
 
     def export(self) -> Path:

@@ -17,7 +17,7 @@ import dataclasses
 import sys
 from typing import Any
 
-from mimbench.flags import add_dataclass_flags, exit_status
+from mimbench.core.config import add_dataclass_flags, exit_status
 
 # Small ViTs for the embedded data: a matching small decoder and a CPU-sized schedule.
 EMBEDDED_DEFAULTS: dict[str, Any] = dict(arch="vit_tiny_patch4_32", epochs=10, warmup_epochs=2, batch_size=64,
@@ -60,12 +60,10 @@ def parse_args(argv: list[str] | None = None) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mimbench.backbones.checkpoint import CheckpointError
-    from mimbench.pretrain.data import DatasetError
-    from mimbench.pretrain.engine import Trainer, TrainingDiverged
+    from mimbench.pretrain.engine import Trainer
 
     config = parse_args(argv)
-    return exit_status(lambda: Trainer(config).train(), (DatasetError, CheckpointError, TrainingDiverged, ValueError))
+    return exit_status(lambda: Trainer(config).train())
 
 
 if __name__ == "__main__":

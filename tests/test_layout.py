@@ -58,3 +58,36 @@ def test_parameter_and_flop_counts_match_the_literature():
     assert params == 85_798_656  # headless; + 768 * 1000 + 1000 head = 86.57M as timm reports
     assert abs(gflops - 17.56) < 0.01
     assert abs(forward_gflops("vit_huge_patch14_224")[1] - 167.3) < 0.1
+
+
+# What each top-level part of the package may import of ours ("chain" may import anything).
+ALLOWED_IMPORTS = {
+    "core": set(),
+    "backbones": {"core"},
+    "pretrain": {"backbones", "core"},
+    "transfer": {"backbones", "core", "results"},
+    "results": {"core"},
+    "tables": {"results"},
+    "landscape": {"backbones", "core", "pretrain", "transfer", "results"},
+}
+
+
+def test_import_graph():
+    """core imports nothing of ours, transfer never imports pretrain, tables only the results store."""
+    pattern = re.compile(r"^\s*(?:from|import)\s+mimbench\.(\w+)", re.MULTILINE)
+    offenders = {}
+    for path in ROOT.rglob("*.py"):
+        relative = path.relative_to(ROOT)
+        part = relative.parts[0].removesuffix(".py")
+        if part not in ALLOWED_IMPORTS:
+            continue
+        imported = set(pattern.findall(path.read_text())) - {part}
+        if imported - ALLOWED_IMPORTS[part]:
+            offenders[relative.as_posix()] = sorted(imported - ALLOWED_IMPORTS[part])
+    assert offenders == {}
+
+
+def test_the_results_store_and_tables_import_no_torch():
+    code = "import sys, mimbench.tables.build, mimbench.results; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

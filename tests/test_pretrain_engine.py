@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from mimbench.backbones.checkpoint import backbone_from_checkpoint, read_checkpoint
-from mimbench.pretrain.engine import PretrainConfig, Trainer, TrainingDiverged, checkpoint_paths, learning_rate
+from mimbench.core.errors import TrainingDiverged
+from mimbench.core.runtime import learning_rate
+from mimbench.pretrain.engine import PretrainConfig, Trainer, checkpoint_paths
 from mimbench.pretrain.run import main, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]

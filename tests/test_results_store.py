@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from mimbench.backbones.checkpoint import CheckpointMetadata, save_backbone
-from mimbench.results import (Result, append_result, checkpoint_fields, file_sha256, read_results, run_environment,
-                              store_path)
+from mimbench.core.io import file_sha256, run_environment
+from mimbench.results import Result, append_result, checkpoint_fields, read_results, store_path
 
 
 def make_result(**changes) -> Result:

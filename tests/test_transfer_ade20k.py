@@ -16,7 +16,8 @@ from mimbench.transfer import ade20k  # installs the mmcv-lite / torch shims bef
 
 from mimbench.backbones.checkpoint import CheckpointError, CheckpointMetadata, save_backbone  # noqa: E402
 from mimbench.backbones.vit import create_backbone  # noqa: E402
-from mimbench.results import file_sha256, read_results  # noqa: E402
+from mimbench.core.io import file_sha256  # noqa: E402
+from mimbench.results import read_results  # noqa: E402
 from mimbench.transfer import mmseg_compat  # noqa: E402
 from mimbench.transfer.run import main as run_main  # noqa: E402
 

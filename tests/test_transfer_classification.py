@@ -14,8 +14,10 @@ from torch.utils.data import Subset
 
 from mimbench.backbones.checkpoint import CheckpointMetadata, save_backbone
 from mimbench.backbones.vit import create_backbone
-from mimbench.pretrain.engine import Distributed, TrainingDiverged
-from mimbench.results import file_sha256, read_results
+from mimbench.core.errors import TrainingDiverged
+from mimbench.core.runtime import Distributed
+from mimbench.core.io import file_sha256
+from mimbench.results import read_results
 from mimbench.transfer.datasets import build_dataset, collate_readable
 from mimbench.transfer.features import FeatureCache, cache_key, pooled_features
 from mimbench.transfer.finetune import (RECIPES, FinetuneConfig, FinetuneRun, build_classifier, eval_transform,

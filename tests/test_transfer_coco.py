@@ -18,7 +18,8 @@ from pycocotools.cocoeval import COCOeval
 
 from mimbench.backbones.checkpoint import CheckpointError, CheckpointMetadata, save_backbone
 from mimbench.backbones.vit import create_backbone
-from mimbench.results import file_sha256, read_results
+from mimbench.core.io import file_sha256
+from mimbench.results import read_results
 from mimbench.transfer.coco import (PRESETS, CocoConfig, CocoRunError, build_detector, default_out, evaluate,
                                     load_encoder, register_splits, resolve_preset, run_coco, store_metrics)
 from mimbench.transfer.coco_data import (CocoDataError, CocoSplit, coco_layout, subset_document, write_coco_subset,

@@ -137,7 +137,7 @@ def test_default_feature_blocks_follow_the_protocols():
 
 
 def test_autocast_dtype_follows_the_hardware():
-    from mimbench.backbones.precision import NATIVE_BF16_FLAGS, autocast_dtype
+    from mimbench.core.runtime import NATIVE_BF16_FLAGS, autocast_dtype
 
     assert autocast_dtype("cuda") == torch.bfloat16
     flags = open("/proc/cpuinfo").read().split()

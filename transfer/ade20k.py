@@ -48,9 +48,11 @@ from mmseg.registry import DATASETS, MODELS, OPTIM_WRAPPER_CONSTRUCTORS, OPTIM_W
 from mimbench.backbones.checkpoint import CheckpointError, infer_arch, load_backbone  # noqa: E402
 from mimbench.backbones.layer_decay import layer_decay_param_groups  # noqa: E402
 from mimbench.backbones.vit import create_backbone, default_feature_blocks, dense_features  # noqa: E402
-from mimbench.flags import add_dataclass_flags, exit_status  # noqa: E402
-from mimbench.pretrain.engine import peak_memory_gb  # noqa: E402
-from mimbench.results import Result, append_result, checkpoint_fields, file_sha256, run_environment  # noqa: E402
+from mimbench.core.config import add_dataclass_flags, exit_status  # noqa: E402
+from mimbench.core.errors import UserError  # noqa: E402
+from mimbench.core.io import file_sha256, run_environment  # noqa: E402
+from mimbench.core.runtime import peak_memory_gb  # noqa: E402
+from mimbench.results import Result, append_result, checkpoint_fields  # noqa: E402
 from mimbench.transfer.scenes import CATEGORIES, make_scene  # noqa: E402
 
 ADE20K_NUM_CLASSES = 150
@@ -65,7 +67,7 @@ IMAGENET_STD_255 = [58.395, 57.12, 57.375]
 IGNORE_INDEX = 255
 
 
-class SegmentationError(ValueError):
+class SegmentationError(UserError, ValueError):
     """A problem the user can fix (data layout, labels, missing trained weights): one line, no traceback."""
 
 
@@ -678,4 +680,4 @@ def parse_args(argv: list[str]) -> Ade20kOptions:
 def main(argv: list[str]) -> int:
     """``transfer/run.py ade20k ...``: 0 on success, 1 after one ``error:`` line for a problem the user can fix."""
     options = parse_args(argv)
-    return exit_status(lambda: run_ade20k(options), (SegmentationError, CheckpointError))
+    return exit_status(lambda: run_ade20k(options))

@@ -25,8 +25,9 @@ from typing import Any
 import torch
 
 from mimbench.backbones.checkpoint import backbone_from_checkpoint
-from mimbench.pretrain.engine import init_distributed, peak_memory_gb
-from mimbench.results import Result, append_result, checkpoint_fields, file_sha256, run_environment
+from mimbench.core.io import file_sha256, run_environment
+from mimbench.core.runtime import init_distributed, peak_memory_gb
+from mimbench.results import Result, append_result, checkpoint_fields
 from mimbench.transfer.datasets import (DATASETS, DatasetError, DatasetSpec, LabelledImages, build_dataset,
                                         collate_readable, concatenate, first_per_class)
 from mimbench.transfer.features import FeatureCache, extract_features, probe_transform

@@ -47,12 +47,13 @@ from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 from mimbench.backbones.checkpoint import CheckpointError, LoadReport, backbone_from_checkpoint, infer_arch
 from mimbench.backbones.layer_decay import layer_decay_param_groups
-from mimbench.backbones.precision import autocast_dtype
 from mimbench.backbones.vit import ARCHS
-from mimbench.flags import add_dataclass_flags, exit_status
-from mimbench.pretrain.engine import TrainingDiverged, peak_memory_gb
-from mimbench.results import Result, append_result, checkpoint_fields, file_sha256, run_environment
-from mimbench.transfer.coco_data import (CocoDataError, coco_layout, subset_split, write_coco_subset,
+from mimbench.core.config import add_dataclass_flags, exit_status
+from mimbench.core.errors import ConfigError, TrainingDiverged
+from mimbench.core.io import file_sha256, run_environment
+from mimbench.core.runtime import autocast_dtype, peak_memory_gb
+from mimbench.results import Result, append_result, checkpoint_fields
+from mimbench.transfer.coco_data import (coco_layout, subset_split, write_coco_subset,
                                          write_embedded_coco)
 
 # Detectron2's own ViTDet Mask R-CNN config, shipped inside its package.
@@ -144,8 +145,6 @@ class CocoConfig:
     subset: int | None = None
 
 
-class CocoRunError(ValueError):
-    """The run cannot start as asked (an --out holding another run, a missing detector to evaluate)."""
 
 
 # ----------------------------------------------------------------------------------------------- the detector
@@ -162,7 +161,7 @@ def build_detector(arch: str, preset: DetectionPreset, num_classes: int) -> nn.M
     spec = ARCHS[arch]
     scale_factors = tuple(spec["patch_size"] / stride for stride in preset.pyramid_strides)
     if not set(scale_factors) <= {4.0, 2.0, 1.0, 0.5}:
-        raise CocoRunError(f"{arch} (patch {spec['patch_size']}) cannot give the pyramid strides "
+        raise ConfigError(f"{arch} (patch {spec['patch_size']}) cannot give the pyramid strides "
                            f"{preset.pyramid_strides}: a simple feature pyramid rescales the patch grid by 4, 2, 1 "
                            "or 1/2; choose another --preset")
     strides = (*preset.pyramid_strides, 2 * preset.pyramid_strides[-1])  # the top level max-pools the last one
@@ -241,7 +240,7 @@ class CPUAutocastTrainer(SimpleTrainer):
 
 def check_subset(subset: int | None) -> None:
     if subset is not None and subset < 1:
-        raise CocoRunError(f"--subset {subset}: give a positive number of images (the first N by image id)")
+        raise ConfigError(f"--subset {subset}: give a positive number of images (the first N by image id)")
 
 
 def register_splits(config: CocoConfig, subset_dir: Path | None = None) -> tuple[str, str]:
@@ -251,7 +250,7 @@ def register_splits(config: CocoConfig, subset_dir: Path | None = None) -> tuple
     """
     check_subset(config.subset)
     if config.subset is not None and subset_dir is None:
-        raise CocoRunError("--subset needs a folder for its annotation files (the run's --out)")
+        raise ConfigError("--subset needs a folder for its annotation files (the run's --out)")
     if config.embedded:
         root = Path(config.embedded_root)
         if comm.is_main_process():
@@ -349,7 +348,7 @@ def resolve_preset(config: CocoConfig) -> tuple[str, DetectionPreset]:
     """The preset with --batch-size (same epochs, linear lr) and --max-iter applied."""
     name = config.preset or ("embedded_cpu" if config.embedded else "vitdet_b_100ep")
     if name not in PRESETS:
-        raise CocoRunError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     preset = PRESETS[name]
     if config.batch_size and config.batch_size != preset.batch_size:
         scale = preset.batch_size / config.batch_size
@@ -399,7 +398,7 @@ def run_coco(config: CocoConfig) -> Result | None:
     if config.eval_only:
         weights = Path(config.weights) if config.weights else out / "model_final.pth"
         if not weights.is_file():
-            raise CocoRunError(f"--eval-only: no trained detector at {weights}; train one first or pass --weights")
+            raise ConfigError(f"--eval-only: no trained detector at {weights}; train one first or pass --weights")
         DetectionCheckpointer(model).load(str(weights))
     else:
         train(model, config, preset, train_name, val_name, device, out, len(report.loaded))
@@ -431,7 +430,7 @@ def train(model: nn.Module, config: CocoConfig, preset: DetectionPreset, train_n
     """Detectron2's trainer and hooks; resumes from ``out``'s last checkpoint with --resume."""
     world_size = comm.get_world_size()
     if preset.batch_size % world_size:
-        raise CocoRunError(f"batch size {preset.batch_size} does not split over {world_size} processes")
+        raise ConfigError(f"batch size {preset.batch_size} does not split over {world_size} processes")
     depth = len(model.module.backbone.net.blocks if hasattr(model, "module") else model.backbone.net.blocks)
     optimizer = optimizer_for(model, depth, preset, preset.lr)
     loader = train_loader(train_name, preset, preset.batch_size, config.num_workers, config.seed)
@@ -449,7 +448,7 @@ def train(model: nn.Module, config: CocoConfig, preset: DetectionPreset, train_n
     # The trainer's state holds the iteration, the optimizer, the grad scaler and the hooks' (the scheduler's).
     checkpointer = DetectionCheckpointer(model, str(out), trainer=trainer)
     if checkpointer.has_checkpoint() and not config.resume:
-        raise CocoRunError(f"{out} holds a run already; pass --resume to continue it, or another --out")
+        raise ConfigError(f"{out} holds a run already; pass --resume to continue it, or another --out")
     start_iter = 0
     if config.resume and checkpointer.has_checkpoint():
         checkpointer.resume_or_load("", resume=True)
@@ -523,4 +522,4 @@ def main(argv: list[str] | None = None) -> int:
         launch(run_coco, checked.num_gpus, num_machines=checked.num_machines, machine_rank=checked.machine_rank,
                dist_url=checked.dist_url, args=(checked,))
 
-    return exit_status(launch_run, (CocoDataError, CocoRunError, CheckpointError, TrainingDiverged))
+    return exit_status(launch_run)

@@ -23,7 +23,8 @@ import numpy as np
 import pycocotools.mask as mask_util
 from PIL import Image
 
-from mimbench.backbones.checkpoint import atomic_write
+from mimbench.core.errors import DatasetError
+from mimbench.core.io import atomic_write
 from mimbench.transfer.scenes import CATEGORIES, make_scene
 
 SPLITS = ("train2017", "val2017")
@@ -32,8 +33,6 @@ EXPECTED_LAYOUT = ("<root>/annotations/instances_{train,val}2017.json and the im
                    "annotations_trainval2017.zip, unpacked into one folder)")
 
 
-class CocoDataError(ValueError):
-    """The COCO data cannot be used as given; the message names the expected layout."""
 
 
 @dataclass(frozen=True)
@@ -44,16 +43,16 @@ class CocoSplit:
 
 
 def coco_layout(root: str | os.PathLike) -> dict[str, CocoSplit]:
-    """The two splits of a COCO-layout folder, or a CocoDataError naming what is missing."""
+    """The two splits of a COCO-layout folder, or a DatasetError naming what is missing."""
     root = Path(root)
     if not root.is_dir():
-        raise CocoDataError(f"COCO data root {root} does not exist; expected {EXPECTED_LAYOUT}, or pass --embedded "
+        raise DatasetError(f"COCO data root {root} does not exist; expected {EXPECTED_LAYOUT}, or pass --embedded "
                             "for the small generated set")
     splits = {name: CocoSplit(name, root / "annotations" / f"instances_{name}.json", root / name) for name in SPLITS}
     missing = [str(path) for split in splits.values() for path, ok in
                ((split.json_file, split.json_file.is_file()), (split.image_root, split.image_root.is_dir())) if not ok]
     if missing:
-        raise CocoDataError(f"COCO data root {root} lacks {', '.join(missing)}; expected {EXPECTED_LAYOUT}")
+        raise DatasetError(f"COCO data root {root} lacks {', '.join(missing)}; expected {EXPECTED_LAYOUT}")
     return splits
 
 
@@ -61,7 +60,7 @@ def subset_document(document: dict, count: int) -> dict:
     """The first ``count`` images of a COCO instances document (by image id) and exactly their annotations;
     every category, and the info / licenses, kept (so category ids and the evaluator's classes do not change)."""
     if count < 1:
-        raise CocoDataError(f"--subset {count}: give a positive number of images")
+        raise DatasetError(f"--subset {count}: give a positive number of images")
     images = sorted(document["images"], key=lambda image: image["id"])[:count]
     kept = {image["id"] for image in images}
     annotations = [a for a in document["annotations"] if a["image_id"] in kept]

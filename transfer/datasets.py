@@ -27,6 +27,8 @@ from PIL import Image
 from torch.utils.data import Dataset, default_collate
 from torchvision import datasets as tv
 
+from mimbench.core.errors import DatasetError
+
 SPLITS = ("train", "val", "trainval", "test")
 
 # Kornblith et al. 2019: without an official validation split, 20% of the training set is held out to choose the
@@ -42,8 +44,6 @@ VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "
                "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
 
 
-class DatasetError(ValueError):
-    """A transfer dataset cannot be read as given; the message says what to put where, and where to get it."""
 
 
 @dataclass(frozen=True)

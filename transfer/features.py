@@ -19,11 +19,12 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 from tqdm import tqdm
 
-from mimbench.backbones.checkpoint import atomic_write
-from mimbench.backbones.precision import autocast_dtype
-from mimbench.pretrain.data import IMAGENET_MEAN, IMAGENET_STD
+from mimbench.core.io import atomic_write
+from mimbench.core.runtime import autocast_dtype
 
 POOLS = ("token", "avg")
 

@@ -39,14 +39,15 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.optim import Lars
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 from tqdm import tqdm
 
-from mimbench.backbones.checkpoint import atomic_write, backbone_from_checkpoint
+from mimbench.backbones.checkpoint import backbone_from_checkpoint
 from mimbench.backbones.layer_decay import layer_decay_param_groups
-from mimbench.backbones.precision import autocast_dtype
-from mimbench.pretrain.data import IMAGENET_MEAN, IMAGENET_STD
-from mimbench.pretrain.engine import (Distributed, TrainingDiverged, finite_on_all_ranks, learning_rate,
-                                      peak_memory_gb)
+from mimbench.core.errors import TrainingDiverged
+from mimbench.core.io import atomic_write
+from mimbench.core.runtime import Distributed, autocast_dtype, finite_on_all_ranks, learning_rate, peak_memory_gb
 from mimbench.transfer.metrics import score
 
 

@@ -21,7 +21,7 @@ import importlib
 import sys
 from typing import Any
 
-from mimbench.flags import add_dataclass_flags, exit_status
+from mimbench.core.config import add_dataclass_flags, exit_status
 
 # Tasks served by the other adapters; each parses its own flags (``transfer/run.py coco --help``).
 ADAPTERS = {"coco": "mimbench.transfer.coco", "ade20k": "mimbench.transfer.ade20k"}
@@ -54,17 +54,13 @@ def parse_args(argv: list[str] | None) -> tuple[Any, dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mimbench.backbones.checkpoint import CheckpointError
-    from mimbench.pretrain.engine import TrainingDiverged
     from mimbench.transfer.classification import run_classification
-    from mimbench.transfer.datasets import DatasetError
 
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ADAPTERS:  # detection and segmentation: imported only when asked for
         return importlib.import_module(ADAPTERS[argv[0]]).main(argv[1:])
     config, finetune = parse_args(argv)
-    return exit_status(lambda: run_classification(config, finetune),
-                       (DatasetError, CheckpointError, TrainingDiverged, ValueError))
+    return exit_status(lambda: run_classification(config, finetune))
 
 
 if __name__ == "__main__":

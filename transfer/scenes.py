@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mimbench.pretrain.data import _embedded_photos
+from mimbench.core.photos import embedded_photos
 
 CATEGORIES = ("disc", "box", "triangle", "horse")
 
@@ -59,7 +59,7 @@ def object_mask(category: str, height: int, width: int, rng: np.random.Generator
 
 
 def _background(size: int, rng: np.random.Generator) -> np.ndarray:
-    photos = _embedded_photos()
+    photos = embedded_photos()
     _, photo = photos[rng.integers(len(photos))]
     shorter = min(photo.size)
     side = int(rng.integers(min(size, shorter) // 2, shorter + 1))  # some photos are smaller than the scene
