@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.14.1 torchvision==0.29.1
 SETUP  := $(VENV)/.setup-done
 
-.PHONY: setup demo test regression regression-update tables summary clean
+.PHONY: setup demo test test-fast lint regression regression-update tables summary clean
 
 setup: $(SETUP)
 
@@ -37,6 +37,13 @@ regression-update: $(SETUP)
 
 test: $(SETUP)
 	$(BIN)/pytest
+
+# The developer loop: everything but the end-to-end runs (tests marked `slow`), a few minutes.
+test-fast: $(SETUP)
+	$(BIN)/pytest -m "not slow"
+
+lint: $(SETUP)
+	$(BIN)/ruff check .
 
 # The paper's tables from the results store (results/results.jsonl or $$MIMBENCH_RESULTS) into tables/out/.
 tables: $(SETUP)

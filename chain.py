@@ -41,6 +41,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from mimbench.core.errors import UserError
+
 ROOT = Path(__file__).resolve().parent
 BASELINES = {False: ROOT / "regression" / "baseline.json", True: ROOT / "regression" / "baseline-real.json"}
 METHODS = ("mae", "rcmae", "mixedae")
@@ -246,7 +248,7 @@ def resumable(step: Step) -> bool:
     return len(step.command) > 1 and step.command[1].endswith(("pretrain/run.py", "transfer/run.py"))
 
 
-class ChainError(RuntimeError):
+class ChainError(UserError, RuntimeError):
     """A step failed or the outputs to compare are missing."""
 
 
@@ -457,8 +459,18 @@ class ChainOptions:
 
 
 def run_chain(options: ChainOptions, log: Any = sys.stdout) -> list[Step]:
-    if options.fresh and options.out.exists():
-        shutil.rmtree(options.out)
+    """Every step of the plan not done yet, with ``options.out`` locked to this chain meanwhile."""
+    from mimbench.core.rundir import LOCK_NAME, RunLock
+
+    with RunLock(options.out):
+        if options.fresh:  # everything but the lock this chain holds
+            for path in options.out.iterdir():
+                if path.name != LOCK_NAME:
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return _run_chain(options, log)
+
+
+def _run_chain(options: ChainOptions, log: Any) -> list[Step]:
     size = replace(SIZES[options.size], seed=options.seed)
     if options.data_root is not None and not options.data_root.is_dir():
         raise ChainError(f"--data-root {options.data_root}: not a directory; expected\n{REAL_LAYOUT}")
@@ -468,7 +480,8 @@ def run_chain(options: ChainOptions, log: Any = sys.stdout) -> list[Step]:
                  if (options.data_root / name).is_dir()]
         print(f"real subsets under {options.data_root}: {', '.join(found) or 'none found'} "
               f"(expected layout:\n{REAL_LAYOUT})", file=log, flush=True)
-    run_steps(steps, options.jobs, options.threads, log, extra_env=PIN_ENV if options.pin_isa and can_pin_isa() else None)
+    pinned = PIN_ENV if options.pin_isa and can_pin_isa() else None
+    run_steps(steps, options.jobs, options.threads, log, extra_env=pinned)
     return steps
 
 
@@ -668,7 +681,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "regression":
             return regression(options, baseline, args.update)
         return spread(options, args.seeds, baseline, args.reuse, pinned=not args.unpinned)
-    except ChainError as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
 

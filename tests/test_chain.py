@@ -6,11 +6,14 @@ from __future__ import annotations
 import io
 import json
 import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
 from mimbench import chain
-from mimbench.chain import SIZES, ChainError, Step, Tolerance, compare, family, plan, curve_summary, report, run_steps
+from mimbench.chain import SIZES, ChainError, Step, Tolerance, compare, curve_summary, family, plan, report, run_steps
 
 BASELINE = {
     "tolerances": {"classification": {"absolute": 1.0}, "detection": {"absolute": 2.0},
@@ -172,6 +175,7 @@ def test_parallel_steps_respect_their_order_and_report_a_failure(tmp_path):
     assert not (tmp_path / "after-broken").exists()
 
 
+@pytest.mark.slow
 def test_ci_chain_end_to_end_matches_the_baseline(tmp_path, capsys):
     """The demo's path at its smallest size: pretraining of the three methods, every transfer, the tables,
     then every metric and loss curve against regression/baseline.json."""
@@ -207,3 +211,88 @@ def test_every_entry_point_wants_data_root_or_embedded(tmp_path, capsys):
     message = capsys.readouterr().err
     assert "<root>/cifar-10-batches-py/" in message and "transfer/run.py digits" in message
     assert not (tmp_path / "p").exists()
+
+
+def test_a_pinned_step_gets_the_avx2_kernels_and_the_plan_passes_the_precision(tmp_path):
+    if not chain.can_pin_isa():
+        pytest.skip("no AVX2 on this CPU: the regression falls back to unpinned_tolerances")
+    code = "import torch; print(torch.backends.cpu.get_cpu_capability())"
+    step = Step("isa", [sys.executable, "-c", code], tmp_path / "isa")
+    run_steps([step], jobs=2, threads=1, log=io.StringIO(), extra_env=chain.PIN_ENV)
+    assert (tmp_path / "isa" / "chain.log").read_text().strip() == "AVX2"
+    steps = plan(SIZES["ci"], tmp_path / "out", precision="fp32")
+    trained = [s for s in steps if s.name.startswith(("pretrain", "digits", "coco", "ade20k"))]
+    assert len(trained) == 3 + 3 * 4
+    assert all(s.command[s.command.index("--precision") + 1] == "fp32" for s in trained)
+
+
+def baseline_with(values, pins=None, **extra):
+    tolerances = {"classification": {"absolute": 1.0}, "pretrain-loss": {"relative": 0.01}}
+    return {"values": values, "tolerances": tolerances, "pins": pins or dict(chain.PINS), **extra}
+
+
+def test_numbers_made_under_other_settings_are_refused_by_name_not_reported_as_drift():
+    """A bf16 or AVX-512 run is not a drift of the fp32/AVX2 baseline: comparing it against the seed spread would
+    pass or fail by chance, so the comparison names the settings instead."""
+    key = "mae/classification/digits/linear/top1"
+    baseline = baseline_with({key: 80.0})
+    pinned = {key: dict(chain.PINS)}
+    assert [row.status for row in compare(baseline, {key: 80.5}, pinned)] == ["ok"]
+    assert [row.status for row in compare(baseline, {key: 82.0}, pinned)] == ["DRIFT"]
+    for other in ({"precision": "bf16"}, {"cpu_capability": "AVX512"}):
+        settings = {key: {**chain.PINS, **other}}
+        name, value = next(iter(other.items()))
+        with pytest.raises(ChainError, match=f"{key}: {name} {value} \\(pinned {chain.PINS[name]}\\)"):
+            compare(baseline, {key: 80.0}, settings)
+    # Where the ISA cannot be pinned, a spread measured across ISAs decides.
+    loose = baseline_with({key: 80.0}, unpinned_tolerances={"classification": {"absolute": 3.0}})
+    settings = {key: {**chain.PINS, "cpu_capability": "AVX512"}}
+    assert [row.status for row in compare(loose, {key: 82.0}, settings)] == ["ok"]
+    assert [row.status for row in compare(loose, {key: 84.0}, settings)] == ["DRIFT"]
+    assert [row.status for row in compare(loose, {key: 82.0}, pinned)] == ["DRIFT"]  # pinned: the tight spread
+
+
+def test_the_committed_baseline_records_its_pins():
+    baseline = chain.read_baseline(chain.BASELINES[False])
+    assert baseline["pins"] == chain.PINS == {"precision": "fp32", "threads": 1, "cpu_capability": "AVX2"}
+
+
+@pytest.fixture(scope="module")
+def checkpoint_for_chain(tmp_path_factory) -> Path:
+    from mimbench.backbones.checkpoint import CheckpointMetadata, save_backbone
+    from mimbench.backbones.vit import create_backbone
+
+    torch.manual_seed(0)
+    return save_backbone(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", create_backbone("vit_tiny_patch4_32"),
+                         CheckpointMetadata(method="mae", arch="vit_tiny_patch4_32"))
+
+
+@pytest.mark.slow
+def test_records_made_under_another_precision_or_isa_meet_the_comparison_as_intended(tmp_path, checkpoint_for_chain):
+    """Real records through the regression's own measure/compare: a re-run under the pins equals the baseline
+    exactly; the same run in bf16, or on the machine's own kernels, is refused by name rather than compared."""
+    def digits_probe(name: str, precision: str, env: dict[str, str] | None) -> dict[str, Any]:
+        out = tmp_path / name
+        step = Step(name, chain.python_script(
+            "transfer/run.py", "digits", "--ckpt", str(checkpoint_for_chain), "--per-class", "10", "--precision",
+            precision, "--results", str(out / "results.jsonl"), "--out", str(out / "run"),
+            "--cache-dir", str(out / "cache")), out)
+        run_steps([step], jobs=2, threads=1, log=io.StringIO(), extra_env=env)
+        settings: dict[str, dict[str, Any]] = {}
+        return chain.measure(out, methods=[], settings=settings), settings
+
+    pinned_env = chain.PIN_ENV if chain.can_pin_isa() else None
+    values, settings = digits_probe("pinned", "fp32", pinned_env)
+    assert set(values) == {"mae/classification/digits/linear/top1", "mae/classification/digits/linear/val_top1"}
+    pins = {"precision": "fp32", "threads": 1, "cpu_capability": settings[next(iter(settings))]["cpu_capability"]}
+    baseline = baseline_with(values, pins=pins)
+    again, again_settings = digits_probe("pinned-again", "fp32", pinned_env)
+    rows = compare(baseline, again, again_settings)
+    assert [row.status for row in rows] == ["ok", "ok"] and all(row.got == row.expected for row in rows)
+    bf16, bf16_settings = digits_probe("bf16", "bf16", pinned_env)
+    with pytest.raises(ChainError, match="precision bf16 \\(pinned fp32\\)"):
+        compare(baseline, bf16, bf16_settings)
+    if pinned_env is not None and torch.backends.cpu.get_cpu_capability() != "AVX2":  # an AVX-512 machine
+        native, native_settings = digits_probe("native", "fp32", None)
+        with pytest.raises(ChainError, match="cpu_capability AVX512 \\(pinned AVX2\\)"):
+            compare(baseline, native, native_settings)
