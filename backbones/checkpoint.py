@@ -1,17 +1,19 @@
-"""The one checkpoint loader: every entry point reads ViT weights through :func:`load_backbone`.
+"""The one checkpoint loader: every entry point reads backbone weights through :func:`load_backbone`.
 
 Reads
 - our own checkpoints: safetensors with JSON metadata in the header (method, arch, epochs, data, git commit),
   or torch files;
-- the public layouts users bring: official MAE (``model``, encoder + decoder), RC-MAE (``model`` = student,
+- the public ViT layouts users bring: official MAE (``model``, encoder + decoder), RC-MAE (``model`` = student,
   ``teacher`` or ``model_ema`` = EMA teacher; the teacher by default, as RC-MAE fine-tunes the teacher), timm,
   MMPretrain / mmseg (``backbone.`` prefix, ``layers.N`` / ``ln1`` / ``ffn`` names), DINO / iBOT
   (``teacher`` / ``student``, ``module.`` / ``backbone.`` prefixes).
 
 It keeps the encoder (decoders, mask tokens and projection heads are set aside and reported), maps names to
-timm's, resamples ``pos_embed`` to the model's grid (bicubic, class token kept) and reports missing and
-unexpected keys. Torch files are read with ``weights_only=True``: nothing is ever unpickled with code
-execution. Every problem is one :class:`CheckpointError` line that names the file.
+timm's, resamples a ViT's ``pos_embed`` to the model's grid (bicubic, class token kept) and reports missing and
+unexpected keys. A hierarchical backbone (:mod:`mimbench.backbones.registry`) is read from our own files or
+any state dict with the model's key names, under any prefix. Torch files are read with ``weights_only=True``:
+nothing is ever unpickled with code execution. Every problem is one :class:`CheckpointError` line that names
+the file.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import os
 import pickle
 import re
 import warnings
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +37,9 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import VisionTransformer
 
+from mimbench.backbones.vit import ARCHS, backbone_archs, create_backbone
 from mimbench.core.errors import UserError
 from mimbench.core.io import atomic_write
 
@@ -55,7 +60,8 @@ SAFE_GLOBALS: list[Any] = [
 # Top-level names of an encoder's state dict in timm's layout; anything else beside them is not encoder.
 ENCODER_ROOTS = ("cls_token", "reg_token", "dist_token", "pos_embed", "patch_embed", "norm_pre", "blocks", "norm",
                  "fc_norm", "head")
-HEAD_ROOTS = ("head", "fc_norm")
+# Classification heads, which a backbone checkpoint need not hold: a ViT's head and pooled norm, a ResNet's fc.
+HEAD_ROOTS = ("head", "fc_norm", "fc")
 
 
 class CheckpointError(UserError, ValueError):
@@ -249,20 +255,27 @@ def _select_weights(obj: Any, path: Path, which: str) -> tuple[dict[str, Any], s
 
 
 def _strip_to_encoder(
-    weights: dict[str, Any], path: Path, which: str
+    weights: dict[str, Any], path: Path, which: str, model_keys: Collection[str] | None = None
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Keep the keys under the encoder's prefix (found from its patch embedding), with the prefix removed.
+    """Keep the keys under the encoder's prefix, with the prefix removed.
 
-    A flat file with two encoders (our RC-MAE training state: ``student.encoder.*``, ``teacher.encoder.*``)
-    gives two prefixes; the one naming ``which`` wins, else the shortest.
+    The prefix is found from the keys that mark the encoder: a ViT's patch embedding (``model_keys`` None: every
+    public ViT layout has one), or the state-dict keys of the model to load (``<prefix><model key>``; any other
+    backbone). Where several prefixes qualify, the one marking the most keys wins, then the one naming ``which``
+    (a flat file with two encoders, as our RC-MAE training state: ``student.encoder.*``, ``teacher.encoder.*``),
+    then the shortest.
     """
     if not weights:
         raise CheckpointError(path, "holds an empty state dict")
-    prefixes = {m.group(1) for k in weights if (m := re.match(r"^(.*?)patch_embed\.", k))}
-    if not prefixes:
+    marks = Counter(prefix for key in weights for prefix in _encoder_prefixes(key, model_keys))
+    if not marks and model_keys is None:
         raise CheckpointError(path, "no ViT encoder weights found (no patch_embed.* key; keys look like: "
                                     f"{_abbreviate(sorted(weights), 4)})")
-    prefix = min(prefixes, key=lambda p: (which not in p, len(p)))
+    if not marks:
+        raise CheckpointError(path, f"no weights of this backbone found (no key ends in one of its names, such as "
+                                    f"{_abbreviate(sorted(model_keys), 2)}; keys look like: "
+                                    f"{_abbreviate(sorted(weights), 4)})")
+    prefix = min(marks, key=lambda p: (-marks[p], which not in p, len(p)))
     encoder, set_aside = {}, []
     for key, value in weights.items():
         if key.startswith(prefix) and isinstance(value, torch.Tensor):
@@ -270,6 +283,16 @@ def _strip_to_encoder(
         else:
             set_aside.append(key)
     return encoder, set_aside
+
+
+def _encoder_prefixes(key: str, model_keys: Collection[str] | None) -> list[str]:
+    """The prefixes under which ``key`` marks an encoder: before its ``patch_embed.`` (a ViT), or before each
+    dotted suffix that is one of ``model_keys``."""
+    if model_keys is None:
+        match = re.match(r"^(.*?)patch_embed\.", key)
+        return [match.group(1)] if match else []
+    parts = key.split(".")
+    return [".".join(parts[:i] + [""]) if i else "" for i in range(len(parts)) if ".".join(parts[i:]) in model_keys]
 
 
 # MMPretrain / mmseg ViT names -> timm names (per block, then top level).
@@ -314,12 +337,19 @@ def _layer_scale_to_timm(weights: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 def encoder_state_dict(
-    obj: Any, path: str | os.PathLike = "<checkpoint>", which: str = "teacher"
+    obj: Any, path: str | os.PathLike = "<checkpoint>", which: str = "teacher",
+    model_keys: Collection[str] | None = None,
 ) -> tuple[dict[str, torch.Tensor], str, list[str]]:
-    """timm-named encoder weights from any supported layout, the layout's name, and the keys set aside."""
+    """timm-named encoder weights from any supported layout, the layout's name, and the keys set aside.
+
+    Without ``model_keys`` the file holds a ViT, in any public layout; with them (the state-dict keys of a
+    hierarchical backbone) the encoder is every tensor under the prefix where the file's keys end in the model's.
+    """
     path = Path(path)
     weights, container = _select_weights(obj, path, which)
-    encoder, set_aside = _strip_to_encoder(weights, path, which)
+    encoder, set_aside = _strip_to_encoder(weights, path, which, model_keys)
+    if model_keys is not None:
+        return encoder, container, set_aside
     source = container
     if any(k.startswith("layers.") for k in encoder):
         encoder = _from_openmmlab(encoder)
@@ -366,7 +396,7 @@ def _infer_shape_summary(encoder: Mapping[str, torch.Tensor]) -> str:
 def load_backbone(
     model: nn.Module, path: str | os.PathLike, which: str = "teacher", strict: bool = True
 ) -> LoadReport:
-    """Load a checkpoint's encoder into ``model`` (a timm VisionTransformer) and report what happened.
+    """Load a checkpoint's encoder into ``model`` (built by :func:`create_backbone`) and report what happened.
 
     ``which`` picks teacher or student where a file holds both. With ``strict`` (the default) any encoder
     weight the file does not provide is an error: a silently random-initialised backbone is never returned.
@@ -374,19 +404,21 @@ def load_backbone(
     """
     path = Path(path)
     obj, metadata = read_checkpoint(path)
-    encoder, source, set_aside = encoder_state_dict(obj, path, which)
+    expected = model.state_dict()
+    vit = isinstance(model, VisionTransformer)
+    encoder, source, set_aside = encoder_state_dict(obj, path, which, model_keys=None if vit else set(expected))
     if metadata is not None:
         source = f"{FORMAT_TAG} {metadata.method} checkpoint"
-    resized = _fit_pos_embed(encoder, model, path)
+    resized = _fit_pos_embed(encoder, model, path) if vit else {}
 
-    expected = model.state_dict()
     arch = getattr(model, "arch", type(model).__name__)
     for key, value in encoder.items():
         if key in expected and tuple(value.shape) != tuple(expected[key].shape):
+            looks_like = f" (the file looks like {_infer_shape_summary(encoder)})" if vit else ""
             raise CheckpointError(
                 path,
                 f"weights are for another architecture than {arch}: {key} is {list(value.shape)} in the file, "
-                f"{list(expected[key].shape)} in the model (the file looks like {_infer_shape_summary(encoder)})",
+                f"{list(expected[key].shape)} in the model{looks_like}",
             )
     result = model.load_state_dict(encoder, strict=False)
     report = LoadReport(
@@ -411,12 +443,11 @@ def load_backbone(
 
 
 def infer_arch(path: str | os.PathLike, which: str = "teacher") -> str:
-    """The :data:`~mimbench.backbones.vit.ARCHS` name a checkpoint was written for (metadata, else shapes)."""
-    from mimbench.backbones.vit import ARCHS
-
+    """The arch a checkpoint was written for: from our metadata (any registered backbone), else from a ViT's
+    shapes (a hierarchical backbone from elsewhere needs its arch passed)."""
     path = Path(path)
     obj, metadata = read_checkpoint(path)
-    if metadata is not None and metadata.arch in ARCHS:
+    if metadata is not None and metadata.arch in backbone_archs():
         return metadata.arch
     encoder, _, _ = encoder_state_dict(obj, path, which)
     summary = _infer_shape_summary(encoder)
@@ -431,7 +462,5 @@ def backbone_from_checkpoint(
     **create_kwargs: Any,
 ) -> tuple[nn.Module, LoadReport]:
     """Build the checkpoint's architecture (or ``arch``) and load it: what ``--ckpt x.pth`` does everywhere."""
-    from mimbench.backbones.vit import create_backbone
-
     model = create_backbone(arch or infer_arch(path, which), **create_kwargs)
     return model, load_backbone(model, path, which=which, strict=strict)

@@ -1,8 +1,9 @@
 """Backbone tools: ``python -m mimbench.backbones.cli {summary,inspect,demo}``.
 
-- ``summary``: every architecture with its input size, tokens, parameters and GFLOPs (built on the meta
+- ``summary``: every ViT architecture with its input size, tokens, parameters and GFLOPs (built on the meta
   device, so even ViT-H costs nothing to count).
-- ``inspect CKPT``: load a checkpoint through the loader and print what was loaded, resized, missing.
+- ``inspect CKPT``: load a checkpoint (any registered backbone) through the loader and print what was loaded,
+  resized, missing.
 - ``demo``: the foundation's end-to-end check: summary, then write a checkpoint, read it back, verify it.
 """
 
@@ -13,16 +14,18 @@ import sys
 from pathlib import Path
 
 import torch
+from tabulate import tabulate
+from torch.utils.flop_counter import FlopCounterMode
+
 from mimbench.backbones.checkpoint import (
     CheckpointError,
     CheckpointMetadata,
     backbone_from_checkpoint,
     save_backbone,
 )
-from mimbench.backbones.vit import ARCHS, count_parameters, create_backbone, default_feature_blocks, dense_features
+from mimbench.backbones.contract import backbone_contract
+from mimbench.backbones.vit import ARCHS, backbone_archs, count_parameters, create_backbone
 from mimbench.core.io import git_commit
-from tabulate import tabulate
-from torch.utils.flop_counter import FlopCounterMode
 
 
 def forward_gflops(arch: str) -> tuple[int, float]:
@@ -63,10 +66,10 @@ def demo(out_dir: Path) -> None:
     images = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         difference = (loaded.eval()(images) - model(images)).abs().max().item()
-        maps = dense_features(loaded, images)
+        contract = backbone_contract(loaded)
+        maps = contract.features(images)
     print(f"  max |output difference| after the round trip: {difference:.1e}")
-    blocks = default_feature_blocks(len(loaded.blocks))
-    print(f"  dense features after blocks {blocks}: {[tuple(m.shape) for m in maps]}")
+    print(f"  dense features after blocks {contract.blocks}: {[tuple(m.shape) for m in maps]}")
     if difference > 1e-6:
         raise SystemExit("round trip changed the model's outputs")
 
@@ -75,11 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mimbench.backbones.cli", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    summary = commands.add_parser("summary", help="architectures with parameters and GFLOPs")
+    summary = commands.add_parser("summary", help="ViT architectures with parameters and GFLOPs")
     summary.add_argument("--arch", nargs="*", choices=list(ARCHS), default=list(ARCHS))
     inspect = commands.add_parser("inspect", help="load a checkpoint and report what was loaded")
     inspect.add_argument("ckpt", type=Path)
-    inspect.add_argument("--arch", choices=list(ARCHS), help="default: from the file's metadata or shapes")
+    inspect.add_argument("--arch", choices=backbone_archs(), help="default: from the file's metadata or shapes")
     inspect.add_argument("--which", choices=["teacher", "student"], default="teacher",
                          help="for files holding both (RC-MAE, DINO, iBOT)")
     inspect.add_argument("--img-size", type=int, help="build the model for this input size (pos_embed resampled)")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -46,6 +47,16 @@ def default_feature_blocks(depth: int) -> tuple[int, ...]:
     return tuple(quarter * (i + 1) - 1 for i in range(4))
 
 
+class LayerRules(Protocol):
+    """What layer-wise lr decay reads from a contract (or from an adapter's view of one, e.g. its own prefix)."""
+
+    num_layers: int
+
+    def layer_id(self, param_name: str) -> int: ...
+
+    def no_weight_decay(self, param_name: str, param: torch.Tensor) -> bool: ...
+
+
 class BackboneContract:
     """The contract of one model; get it with :func:`backbone_contract`."""
 
@@ -70,23 +81,12 @@ class BackboneContract:
         return param.ndim <= 1
 
 
-class ViTContract(BackboneContract):
-    kind = "plain"
+class ViTLayers:
+    """A ViT's per-parameter rules (layer ids, no weight decay), which need only its depth: they also group a ViT
+    that is not timm's but names its parameters alike (Detectron2's ViTDet: ``blocks.i``, ``pos_embed``)."""
 
-    def __init__(self, model: VisionTransformer, blocks: tuple[int, ...] | None = None) -> None:
-        super().__init__(model)
-        self.num_layers = len(model.blocks)
-        self.blocks = tuple(blocks) if blocks is not None else default_feature_blocks(self.num_layers)
-
-    @property
-    def feature_info(self) -> list[FeatureLevel]:
-        stride = self.model.patch_embed.patch_size[0]
-        return [FeatureLevel(f"block{index}", self.model.embed_dim, stride) for index in self.blocks]
-
-    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Patch-token maps after each feature block (timm's ``forward_intermediates``)."""
-        return self.model.forward_intermediates(images, indices=list(self.blocks), norm=False, output_fmt="NCHW",
-                                                intermediates_only=True)
+    def __init__(self, depth: int) -> None:
+        self.num_layers = depth
 
     def layer_id(self, param_name: str) -> int:
         """0 for the patch/position embeddings and tokens, ``i + 1`` for ``blocks.i``, ``depth + 1`` otherwise
@@ -102,6 +102,25 @@ class ViTContract(BackboneContract):
         return param.ndim <= 1 or any(part in VIT_NO_WEIGHT_DECAY_NAMES for part in param_name.split("."))
 
 
+class ViTContract(ViTLayers, BackboneContract):
+    kind = "plain"
+
+    def __init__(self, model: VisionTransformer, blocks: tuple[int, ...] | None = None) -> None:
+        BackboneContract.__init__(self, model)
+        ViTLayers.__init__(self, len(model.blocks))
+        self.blocks = tuple(blocks) if blocks is not None else default_feature_blocks(self.num_layers)
+
+    @property
+    def feature_info(self) -> list[FeatureLevel]:
+        stride = self.model.patch_embed.patch_size[0]
+        return [FeatureLevel(f"block{index}", self.model.embed_dim, stride) for index in self.blocks]
+
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Patch-token maps after each feature block (timm's ``forward_intermediates``)."""
+        return self.model.forward_intermediates(images, indices=list(self.blocks), norm=False, output_fmt="NCHW",
+                                                intermediates_only=True)
+
+
 class HierarchicalContract(BackboneContract):
     """A backbone with timm's ``feature_info`` (ResNet, ConvNeXt, MPViT, ...): its stages at strides 4-32, a layer id
     per stage (the stem 0, stage k k+1, anything after the last stage ``num_layers + 1``)."""
@@ -114,6 +133,11 @@ class HierarchicalContract(BackboneContract):
         self.levels = info[-4:]
         self.num_layers = len(self.levels)
         self._stage_modules = [level["module"] for level in self.levels]
+        # Backbone parameters outside the stages, by registration order: before the last stage's end the stem
+        # (layer 0), after it a head or final norm (num_layers + 1). Stage parameters are matched first.
+        names = [name for name, _ in model.named_parameters()]
+        last_stage_end = max(i for i, name in enumerate(names) if name.startswith(self._stage_modules[-1] + "."))
+        self._outside_stages = {name: 0 if i < last_stage_end else self.num_layers + 1 for i, name in enumerate(names)}
 
     @property
     def feature_info(self) -> list[FeatureLevel]:
@@ -128,19 +152,10 @@ class HierarchicalContract(BackboneContract):
         for stage, module in enumerate(self._stage_modules):
             if re.search(rf"(?:^|\.){re.escape(module)}\.", param_name):
                 return stage + 1
-        own = {name for name, _ in self.model.named_parameters()}
-        stripped = next((param_name[m.start():] for m in re.finditer(r"(?:^|\.)", param_name)
-                         if param_name[m.end():] in own), None)
-        if stripped is None:
-            return self.num_layers + 1  # not a backbone parameter: a neck or a head
-        return self.num_layers + 1 if self._after_last_stage(stripped.lstrip(".")) else 0
-
-    def _after_last_stage(self, name: str) -> bool:
-        """Whether a backbone parameter comes after its last stage in registration order (head, final norm)."""
-        order = [n for n, _ in self.model.named_parameters()]
-        last = self._stage_modules[-1]
-        last_index = max(i for i, n in enumerate(order) if n.startswith(last + "."))
-        return order.index(name) > last_index
+        # The longest dotted suffix that names a backbone parameter (the name may be wrapped by an adapter).
+        suffixes = (param_name[m.end():] for m in re.finditer(r"(?:^|\.)", param_name))
+        own = next((suffix for suffix in suffixes if suffix in self._outside_stages), None)
+        return self.num_layers + 1 if own is None else self._outside_stages[own]  # None: a neck or a head
 
 
 def backbone_contract(model: nn.Module) -> BackboneContract:

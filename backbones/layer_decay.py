@@ -1,57 +1,45 @@
-"""Layer-wise learning-rate decay for ViT fine-tuning, shared by every fine-tuning adapter.
+"""Layer-wise learning-rate decay through the backbone contract, shared by every fine-tuning adapter.
 
-Block ``i`` gets lr scale ``decay ** (depth + 1 - (i + 1))``: embeddings (layer 0) the smallest, everything
-after the last block (final norm, heads, necks, detection/segmentation heads) scale 1 — BEiT/MAE's rule
-(Bao et al. 2022; He et al. 2022, ``util/lr_decay.py``). Norms, biases, position embeddings and the class
-token get no weight decay. Names are matched anywhere in a parameter's path, so a ViT wrapped by an adapter
-(``backbone.net.blocks.3.attn.qkv.weight``) is grouped like a bare one.
+Layer ``l`` of ``L`` gets lr scale ``decay ** (L + 1 - l)``: the stem or embeddings (layer 0) the smallest, ViT
+block ``i`` (layer ``i + 1``) or hierarchical stage ``k`` (layer ``k + 1``) in between, everything after the backbone
+(final norm, necks, detection/segmentation heads) scale 1 — BEiT/MAE's rule (Bao et al. 2022; He et al. 2022,
+``util/lr_decay.py``). The contract also names the parameters without weight decay: norms, biases and, for a ViT,
+position embeddings and tokens. Names are matched anywhere in a parameter's path, so a backbone wrapped by an
+adapter (``backbone.net.blocks.3.attn.qkv.weight``) is grouped like a bare one.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Collection
-
 import torch.nn as nn
 
-EMBEDDING_NAMES = ("cls_token", "reg_token", "dist_token", "mask_token", "pos_embed", "patch_embed", "norm_pre")
-NO_WEIGHT_DECAY_NAMES = ("cls_token", "reg_token", "dist_token", "mask_token", "pos_embed")
-
-
-def vit_layer_id(param_name: str, depth: int) -> int:
-    """0 for the patch/position embeddings and tokens, ``i + 1`` for ``blocks.i``, ``depth + 1`` otherwise."""
-    block = re.search(r"(?:^|\.)blocks\.(\d+)\.", param_name)
-    if block is not None:
-        return int(block.group(1)) + 1
-    parts = param_name.split(".")
-    if any(part in EMBEDDING_NAMES for part in parts):
-        return 0
-    return depth + 1
+from mimbench.backbones.contract import LayerRules, ViTLayers
 
 
 def layer_decay_param_groups(
-    model: nn.Module,
-    depth: int,
-    weight_decay: float,
-    layer_decay: float,
-    no_weight_decay_names: Collection[str] = NO_WEIGHT_DECAY_NAMES,
+    model: nn.Module, contract: LayerRules | int, weight_decay: float, layer_decay: float
 ) -> list[dict]:
-    """Optimizer param groups with ``lr_scale`` (read by timm's schedulers and ours) and ``weight_decay``.
+    """Optimizer param groups of ``model``'s trainable parameters with ``lr_scale`` (read by timm's schedulers and
+    ours) and ``weight_decay``.
 
-    Each group also lists its ``param_names`` so a run can log exactly what was decayed.
+    ``model`` is the module whose parameters are grouped: the backbone itself, or a detector or segmentor wrapping
+    it. ``contract`` is the backbone's (``backbone_contract(backbone)``, or any :class:`LayerRules` derived from
+    it); a ViT's depth (an int) is accepted too and stands for :class:`ViTLayers` of that depth. Each group also
+    lists its ``param_names`` so a run can log exactly what was decayed.
     """
+    rules = ViTLayers(contract) if isinstance(contract, int) else contract
+    top = rules.num_layers + 1
     groups: dict[tuple[int, bool], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        layer_id = vit_layer_id(name, depth)
-        decays = param.ndim > 1 and not any(part in no_weight_decay_names for part in name.split("."))
+        layer_id = rules.layer_id(name)
+        decays = not rules.no_weight_decay(name, param)
         group = groups.setdefault(
             (layer_id, decays),
             {
                 "params": [],
                 "param_names": [],
-                "lr_scale": layer_decay ** (depth + 1 - layer_id),
+                "lr_scale": layer_decay ** (top - layer_id),
                 "weight_decay": weight_decay if decays else 0.0,
             },
         )

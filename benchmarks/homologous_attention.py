@@ -16,8 +16,9 @@ import time
 
 import torch
 
+from mimbench.backbones.vit import ARCHS, create_backbone
 from mimbench.core.runtime import autocast_dtype
-from mimbench.backbones.vit import ARCHS, create_backbone, set_homologous_attention
+from mimbench.pretrain.mixedae import use_homologous_attention
 
 
 def step_seconds(model: torch.nn.Module, images: torch.Tensor, steps: int, dtype: torch.dtype | None) -> float:
@@ -58,9 +59,8 @@ def main() -> None:
     dtype = autocast_dtype(args.device) if args.dtype is None else getattr(torch, args.dtype)
     precision = "fp32" if dtype in (None, torch.float32) else f"{dtype} autocast"
 
-    set_homologous_attention(model, None)
     standard = step_seconds(model, images, args.steps, dtype)
-    set_homologous_attention(model, topk)
+    use_homologous_attention(model, topk)  # the same weights, now attending through TopK
     homologous = step_seconds(model, images, args.steps, dtype)
     print(f"{args.arch}, batch {args.batch}, {tokens} tokens, K={topk}, {precision} on {args.device}")
     print(f"standard attention   {standard * 1e3:8.1f} ms/step")

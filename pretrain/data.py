@@ -1,10 +1,17 @@
 """Pretraining data for the MAE-style methods: images in, augmented (3, S, S) tensors out, labels never.
 
-Two sources, picked by `build_pretrain_dataset`:
+A data root is a folder; `build_pretrain_dataset` reads it as one of two sources:
 
-* `ImageFiles`: a folder on disk, ImageNet-style ``<root>/<class>/<image>.JPEG`` or any tree of images;
-* `EmbeddedPhotos`: a few dozen real photographs bundled in the scikit-image wheel (``--embedded``), so a demo
-  or a smoke test runs offline with no data set to download.
+* `EmbeddedPhotos`: the few dozen real photographs bundled in the scikit-image wheel, written once as lossless
+  PNGs with a manifest (`write_embedded_photos`, what ``--embedded`` points at), so a demo or a smoke test runs
+  offline with no data set to download. The manifest is what marks a folder as this set;
+* `ImageFiles`: any other folder, ImageNet-style ``<root>/<class>/<image>.JPEG`` or any tree of images.
+
+A sample is ``(image, unreadable)``. An unreadable file (a truncated JPEG, a stray ``fake.jpg``) is found when its
+sample is drawn, not up front (reading every header of ImageNet first would take longer than an epoch): it is
+skipped with a warning naming it, the next readable file in path order stands in for it so batch shapes hold, and
+``unreadable`` carries its index (else -1) out of the DataLoader worker, so the engine counts skipped files across
+workers and processes and stops when their share passes a limit.
 
 Exact resume: every augmentation is a pure function of (seed, epoch, index), whatever the DataLoader worker
 that draws it or the global RNG state, and `ShardedSampler` can skip the samples a rank already consumed in
@@ -17,23 +24,29 @@ fresh iterator (``iter(loader)``, with ``persistent_workers=False``, the default
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Sampler
-from torchvision import transforms
 from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
 from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
+from torch.utils.data import Dataset, Sampler
+from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
-from mimbench.core.errors import DatasetError  # noqa: F401  the pretraining data's errors
+from mimbench.core.errors import DatasetError
 from mimbench.core.photos import embedded_photos
 
 EXPECTED_LAYOUT = "ImageNet-style <root>/<class>/<image>.JPEG or a folder of .jpg/.png images"
+MANIFEST = "manifest.json"
+EMBEDDED_SET = "mimbench embedded photos"  # the manifest's "set": what makes a folder the embedded photos
+UNREADABLE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises on bad files
 
 
 def pretrain_transform(img_size: int) -> Callable[[Image.Image], torch.Tensor]:
@@ -66,32 +79,47 @@ class _SeededAugmentation(Dataset):
         """Use epoch's augmentations; reaches DataLoader workers only if their iterator is created afterwards."""
         self.epoch = epoch
 
-    def _augment(self, image: Image.Image, index: int) -> torch.Tensor:
+    def image(self, index: int) -> tuple[Image.Image, int]:
+        """Sample index's RGB image, and index if its own file was unreadable (else -1)."""
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, unreadable = self.image(index)
         # fork_rng restores the global CPU RNG afterwards, so the caller's random stream is untouched. The v1
         # transforms draw only from torch's RNG, hence no need to seed Python's `random`.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, self.epoch, index))
-            return self.transform(image)
+            return self.transform(image), unreadable
 
 
 class EmbeddedPhotos(_SeededAugmentation):
-    """Random crops of the real photographs bundled with scikit-image: pretraining data that needs no download.
+    """Random crops of the bundled photographs, read from the folder `write_embedded_photos` wrote.
 
     An epoch has `samples_per_epoch` samples; sample i is a crop of photo ``i % len(names)``.
     """
 
-    def __init__(self, img_size: int, samples_per_epoch: int = 2048, seed: int = 0) -> None:
+    def __init__(self, root: str | os.PathLike, img_size: int, samples_per_epoch: int = 2048, seed: int = 0) -> None:
         super().__init__(img_size, seed)
+        self.root = Path(root)
         self.samples_per_epoch = samples_per_epoch
-        photos = embedded_photos()
-        self.names = [name for name, _ in photos]
-        self.images = [image for _, image in photos]
+        photos = json.loads((self.root / MANIFEST).read_text())["photos"]
+        self.names = [photo["name"] for photo in photos]
+        try:
+            self.images = [_read_rgb(self.root / photo["file"]) for photo in photos]
+        except UNREADABLE_ERRORS as error:
+            raise DatasetError(f"{self.root}: a photo of the embedded set is unreadable ({error}); remove the "
+                               "folder and --embedded writes it again") from None
+
+    @property
+    def description(self) -> str:
+        """What the export metadata's ``data`` says."""
+        return f"embedded:scikit-image photos ({len(self)} crops/epoch)"
 
     def __len__(self) -> int:
         return self.samples_per_epoch
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self._augment(self.images[index % len(self.images)], index)
+    def image(self, index: int) -> tuple[Image.Image, int]:
+        return self.images[index % len(self.images)], -1
 
 
 class ImageFiles(_SeededAugmentation):
@@ -106,19 +134,34 @@ class ImageFiles(_SeededAugmentation):
         self.paths = _find_images(self.root)
         if not self.paths:
             raise DatasetError(_layout_message(f"no images found under data root {self.root}"))
+        # One sample read here turns a folder with no readable image at all into one line from this process,
+        # not a DataLoader worker's traceback.
+        self.image(0)
+
+    @property
+    def description(self) -> str:
+        return str(self.root)
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        path = self.paths[index]
-        try:
-            with Image.open(path) as image:
-                rgb = image.convert("RGB")
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-            # One line naming the file beats a deep PIL traceback from inside a DataLoader worker.
-            raise DatasetError(f"cannot read image {path}: {err}") from None
-        return self._augment(rgb, index)
+    def image(self, index: int) -> tuple[Image.Image, int]:
+        """The file's image; an unreadable file is skipped with a warning and the next readable one (in path
+        order, wrapping around) stands in, so the sample stays a pure function of index. Only the sample's own
+        file is warned about and reported: a stand-in candidate that fails is, when its own sample is drawn."""
+        for offset in range(len(self.paths)):
+            path = self.paths[(index + offset) % len(self.paths)]
+            try:
+                return _read_rgb(path), index if offset else -1
+            except UNREADABLE_ERRORS as error:
+                if not offset:
+                    warnings.warn(f"{path}: cannot read image ({error}); skipped", stacklevel=2)
+        raise DatasetError(f"none of the {len(self.paths)} images under {self.root} is readable")
+
+
+def _read_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
 
 
 def _layout_message(problem: str) -> str:
@@ -134,6 +177,50 @@ def _find_images(root: Path) -> list[Path]:
         found += [Path(folder, name) for name in files
                   if not name.startswith(".") and has_file_allowed_extension(name, IMG_EXTENSIONS)]
     return sorted(found)
+
+
+def is_embedded_photos(root: str | os.PathLike) -> bool:
+    manifest = Path(root) / MANIFEST
+    if not manifest.is_file():
+        return False
+    try:
+        return json.loads(manifest.read_text()).get("set") == EMBEDDED_SET
+    except (ValueError, AttributeError):
+        return False
+
+
+def write_embedded_photos(root: str | os.PathLike) -> Path:
+    """Write the bundled photographs under root as PNG files (lossless: the pixels stay identical) with a
+    manifest listing them in order, once; a folder that already holds them is reused."""
+    root = Path(root)
+    if is_embedded_photos(root):
+        return root
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise DatasetError(f"{root} exists and is not the embedded photo set (no {MANIFEST} naming it); remove it "
+                           "or choose another folder")
+    import skimage
+
+    # Written beside root and renamed into place, so a reader never sees half a set; when two processes
+    # write it at once, the first rename wins and the other one's copy is dropped.
+    staging = root.with_name(f".{root.name}.tmp{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    photos = []
+    for number, (name, image) in enumerate(embedded_photos()):
+        photos.append({"name": name, "file": f"{number:02d}_{name}.png"})
+        image.save(staging / photos[-1]["file"], format="png")
+    manifest = {"set": EMBEDDED_SET, "source": f"scikit-image {skimage.__version__} (skimage.data)",
+                "photos": photos}
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    try:
+        if root.is_dir():
+            root.rmdir()  # empty (checked above)
+        os.rename(staging, root)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not is_embedded_photos(root):
+            raise
+    return root
 
 
 class ShardedSampler(Sampler[int]):
@@ -178,13 +265,12 @@ class ShardedSampler(Sampler[int]):
         return self.per_rank - self.skip
 
 
-def build_pretrain_dataset(data_root: str | None, embedded: bool, img_size: int, seed: int = 0,
+def build_pretrain_dataset(data_root: str | os.PathLike | None, img_size: int, seed: int = 0,
                            samples_per_epoch: int = 2048) -> EmbeddedPhotos | ImageFiles:
-    """The dataset named on the command line: `--data-root DIR` or `--embedded`, exactly one of them."""
-    if bool(data_root) == bool(embedded):  # an empty --data-root counts as not given
-        given = "both" if embedded else "neither"
-        raise DatasetError(f"pass exactly one of --data-root DIR ({EXPECTED_LAYOUT}) or --embedded "
-                           f"(the bundled demo photos); got {given}")
-    if embedded:
-        return EmbeddedPhotos(img_size, samples_per_epoch=samples_per_epoch, seed=seed)
+    """The dataset under ``data_root``: the embedded photos when its manifest says so, else its image files."""
+    if not data_root:  # an empty --data-root counts as not given
+        raise DatasetError(f"say where the images are: --data-root DIR ({EXPECTED_LAYOUT}), or --embedded for the "
+                           "photos bundled with the install (a small CPU demo)")
+    if is_embedded_photos(data_root):
+        return EmbeddedPhotos(data_root, img_size, samples_per_epoch=samples_per_epoch, seed=seed)
     return ImageFiles(data_root, img_size, seed=seed)

@@ -7,25 +7,35 @@ A method is an ``nn.Module`` whose ``forward(images)`` returns ``(loss, parts)``
 - distributed: ``torchrun`` env:// with DDP (NCCL on GPU, gloo on CPU); only rank 0 writes;
 - AdamW (β 0.9/0.95), lr = base_lr · effective batch / 256, per-step warmup + half-cycle cosine (MAE);
   gradient accumulation to reach a large effective batch on few GPUs; bf16 autocast where it pays
-  (``mimbench.backbones.precision``); ``torch.compile`` on CUDA unless disabled;
+  (``mimbench.core.runtime``); ``torch.compile`` on CUDA unless disabled;
 - exact resume: the random state of every micro-batch is a pure function of (seed, micro-batch index) and
   augmentations of (seed, epoch, sample), so a checkpoint needs only model, optimizer, step and data position;
   checkpoints are written atomically, every N steps and at epoch end, keeping the last K;
 - a non-finite loss stops the run with a clear message and leaves the last good checkpoint untouched;
+- unreadable image files are skipped (`mimbench.pretrain.data`) and counted over every worker and process; the
+  run stops when their share of the data passes ``max_bad_image_share``;
+- the run directory belongs to one run at a time and is continued only with ``resume``, into a run of the same
+  model and data (`mimbench.core.rundir.start_run`; `HARMLESS_ON_RESUME` lists what may differ);
 - progress (tqdm), TensorBoard scalars, a reconstruction figure per epoch, and the run's cost.
+
+The configuration (`PretrainConfig`) is the shared `RunSpec`, a preset's name and its `PretrainRecipe`, taken from
+`PRESETS` (each derived from the paper's base recipe), so ``Trainer(config)`` runs exactly what the command line
+runs with the same fields.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.optim import param_groups_weight_decay
@@ -35,15 +45,25 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 from mimbench.backbones.checkpoint import CheckpointMetadata, read_checkpoint, save_backbone
-from mimbench.core.errors import TrainingDiverged
+from mimbench.backbones.vit import ARCHS
+from mimbench.core.config import RunSpec, from_dict, to_dict
+from mimbench.core.errors import ConfigError, DatasetError, TrainingDiverged, UserError
 from mimbench.core.io import atomic_write, git_commit
-from mimbench.core.runtime import (autocast_dtype, compute_settings, finite_on_all_ranks, init_distributed, learning_rate,
-                                   peak_memory_gb, precision_name)
+from mimbench.core.rundir import RunLock, start_run
+from mimbench.core.runtime import (
+    autocast,
+    autocast_dtype,
+    compute_settings,
+    finite_on_all_ranks,
+    init_distributed,
+    learning_rate,
+    peak_memory_gb,
+    precision_name,
+)
 from mimbench.pretrain.data import IMAGENET_MEAN, IMAGENET_STD, ShardedSampler, build_pretrain_dataset
 from mimbench.pretrain.mae import MAEConfig, MaskedAutoencoder
 from mimbench.pretrain.mixedae import MixedAEConfig, MixedAutoencoder
 from mimbench.pretrain.rcmae import RCMAEConfig, ReconstructionConsistentMAE
-
 
 # Each method's config dataclass and model: what `--method` chooses between.
 METHODS: dict[str, tuple[type, type[nn.Module]]] = {
@@ -53,29 +73,54 @@ METHODS: dict[str, tuple[type, type[nn.Module]]] = {
 }
 
 
-@dataclass
-class PretrainConfig:
-    method: str = "mae"
-    arch: str = "vit_base_patch16_224"
-    data_root: str | None = None
-    embedded: bool = False
-    out: str = "runs/pretrain"
-    epochs: int = 300
-    warmup_epochs: int = 40
-    batch_size: int = 64  # per process
+@dataclass(frozen=True)
+class PretrainRecipe:
+    """How a model is pretrained. The defaults are the paper's recipe (MAE, He et al., CVPR 2022, Table 8), which
+    RC-MAE and MixedAE keep; `PRESETS` derives the others from it."""
+
+    arch: str = "vit_base_patch16_224"  # ViT-B/16: the model of the three papers' main tables
+    epochs: int = 300  # the MixedAE paper's shorter ViT-B schedule (its rows: 300 and 1600; tables/reference)
+    warmup_epochs: int = 40  # MAE Table 8
+    batch_size: int = 64  # per process; x 8 GPUs x 8 accumulation steps = MAE's batch 4096 (Table 8)
     accum_steps: int = 1
-    base_lr: float = 1.5e-4  # lr = base_lr * effective batch / 256
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
-    seed: int = 0
+    base_lr: float = 1.5e-4  # MAE Table 8; lr = base_lr * effective batch / 256
+    min_lr: float = 0.0  # the cosine decays to zero (MAE's code)
+    weight_decay: float = 0.05  # MAE Table 8
+    samples_per_epoch: int = 2048  # the embedded photos only: random crops per epoch
     num_workers: int = 8
-    samples_per_epoch: int = 2048  # embedded data only: random crops per epoch
     save_every_steps: int = 1000
     keep_checkpoints: int = 2
     compile: bool | None = None  # None: on CUDA only
-    device: str | None = None  # None: cuda if available
-    precision: str = "auto"  # auto | fp32 | bf16 (mimbench.core.runtime.autocast_dtype)
+    # The method's own options (MAEConfig, RCMAEConfig, MixedAEConfig fields); unset ones keep their papers' values.
     method_options: dict[str, Any] = field(default_factory=dict)
+
+
+BASE = PretrainRecipe()
+PRESETS: dict[str, PretrainRecipe] = {
+    "in1k_vit_b": BASE,
+    # The bundled photos on a CPU in minutes: 32-pixel crops, a tiny ViT with a 2-block 128-wide decoder (MAE's
+    # 8 x 512 is sized for ViT-B), a 10-epoch schedule, and 4 x the lr for the short run.
+    "embedded_cpu": dataclasses.replace(
+        BASE, arch="vit_tiny_patch4_32", epochs=10, warmup_epochs=2, base_lr=BASE.base_lr * 4, num_workers=2,
+        samples_per_epoch=2048, save_every_steps=100, method_options=dict(decoder_dim=128, decoder_depth=2,
+                                                                          decoder_heads=4)),
+}
+DEFAULT_PRESET = "in1k_vit_b"
+
+# Fields that may differ when a run is resumed: how the machine runs it, not what it computes. Everything else
+# (the recipe, method and its options, data root, seed, precision) must match the run's config.yaml.
+HARMLESS_ON_RESUME = ("num_workers", "save_every_steps", "keep_checkpoints", "compile", "device", "out", "resume",
+                      "preset", "max_bad_image_share")
+
+
+@dataclass
+class PretrainConfig:
+    # RunSpec.arch, when set, overrides the recipe's (and is folded into it by `resolve`); ckpt, which and
+    # results belong to evaluation runs.
+    run: RunSpec = field(default_factory=lambda: RunSpec(method="mae", out="runs/pretrain"))
+    preset: str = DEFAULT_PRESET
+    recipe: PretrainRecipe = BASE
+    max_bad_image_share: float = 0.01  # the run stops when more of its image files than this are unreadable
 
 
 # ------------------------------------------------------------------------------------------ small pieces
@@ -86,11 +131,33 @@ def micro_batch_seed(seed: int, micro_batch: int) -> int:
     return (seed * 1_000_003 + micro_batch) % (2 ** 63)
 
 
+def method_classes(method: str) -> tuple[type, type[nn.Module]]:
+    """The method's config dataclass and model (`METHODS`), or one line naming the choices."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    return METHODS[method]
+
+
+def method_config(config: PretrainConfig) -> Any:
+    """The method's own config dataclass (e.g. `MAEConfig`) from the run's method, arch and method options."""
+    arch = config.run.arch or config.recipe.arch
+    if arch not in ARCHS:
+        raise ConfigError(f"unknown arch {arch!r}; choose one of: {', '.join(ARCHS)}")
+    options = {**config.recipe.method_options, "arch": arch}
+    return from_dict(method_classes(config.run.method)[0], options, f"{config.run.method} options")
+
+
+def resolve(config: PretrainConfig) -> PretrainConfig:
+    """The configuration as it runs and as config.yaml records it: the arch in the recipe only, and every method
+    option spelled out, so a saved run compares and replays field by field."""
+    options = to_dict(method_config(config))
+    arch = options.pop("arch")
+    return dataclasses.replace(config, run=dataclasses.replace(config.run, arch=None),
+                               recipe=dataclasses.replace(config.recipe, arch=arch, method_options=options))
+
+
 def build_method(config: PretrainConfig) -> nn.Module:
-    if config.method not in METHODS:
-        raise ValueError(f"unknown method {config.method!r}; choose one of: {', '.join(METHODS)}")
-    config_class, model_class = METHODS[config.method]
-    return model_class(config_class(arch=config.arch, **config.method_options))
+    return method_classes(config.run.method)[1](method_config(config))
 
 
 def checkpoint_paths(out: Path) -> list[Path]:
@@ -110,48 +177,44 @@ def denormalize(images: torch.Tensor) -> torch.Tensor:
 
 class Trainer:
     def __init__(self, config: PretrainConfig) -> None:
-        self.config = config
-        self.out = Path(config.out)
-        self.dist = init_distributed(config.device)
+        self.config = config = resolve(config)
+        run, recipe = config.run, config.recipe
+        self.out = Path(run.out)
+        self.dist = init_distributed(run.device)
         self.device = self.dist.device
-        self.dtype = autocast_dtype(self.device, config.precision)
+        self.dtype = autocast_dtype(self.device, run.precision)
 
-        torch.manual_seed(config.seed)  # identical initial weights on every rank
+        self.dataset = build_pretrain_dataset(run.data_root, ARCHS[recipe.arch]["img_size"], seed=run.seed,
+                                              samples_per_epoch=recipe.samples_per_epoch)
+        torch.manual_seed(run.seed)  # identical initial weights on every rank
         self.model = build_method(config).to(self.device)
-        self.dataset = build_pretrain_dataset(config.data_root, config.embedded, self.image_size, seed=config.seed,
-                                              samples_per_epoch=config.samples_per_epoch)
-        self.sampler = ShardedSampler(len(self.dataset), self.dist.world_size, self.dist.rank, seed=config.seed,
-                                      batch_size=config.batch_size)
-        self.steps_per_epoch = len(self.dataset) // self.dist.world_size // config.batch_size // config.accum_steps
+        self.sampler = ShardedSampler(len(self.dataset), self.dist.world_size, self.dist.rank, seed=run.seed,
+                                      batch_size=recipe.batch_size)
+        self.steps_per_epoch = len(self.dataset) // self.dist.world_size // recipe.batch_size // recipe.accum_steps
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(self.dataset)} images cannot fill one step of batch {config.batch_size} x "
-                             f"accumulation {config.accum_steps} x {self.dist.world_size} processes")
-        self.total_steps = self.steps_per_epoch * config.epochs
-        self.effective_batch = config.batch_size * config.accum_steps * self.dist.world_size
-        self.peak_lr = config.base_lr * self.effective_batch / 256
+            raise ConfigError(f"{len(self.dataset)} images cannot fill one step of batch {recipe.batch_size} x "
+                              f"accumulation {recipe.accum_steps} x {self.dist.world_size} processes")
+        self.total_steps = self.steps_per_epoch * recipe.epochs
+        self.effective_batch = recipe.batch_size * recipe.accum_steps * self.dist.world_size
+        self.peak_lr = recipe.base_lr * self.effective_batch / 256
 
         self.ddp = self.model
         if self.dist.world_size > 1:
             self.ddp = DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda"
                                                else None)
-        compile_model = config.compile if config.compile is not None else self.device.type == "cuda"
+        compile_model = recipe.compile if recipe.compile is not None else self.device.type == "cuda"
         self.forward = torch.compile(self.ddp) if compile_model else self.ddp
         no_decay = {name for name, _ in self.model.named_parameters() if name.rsplit(".", 1)[-1] in (
             "pos_embed", "cls_token", "mask_token", "segment_embed")}
         self.optimizer = torch.optim.AdamW(
-            param_groups_weight_decay(self.model, config.weight_decay, no_weight_decay_list=no_decay),
+            param_groups_weight_decay(self.model, recipe.weight_decay, no_weight_decay_list=no_decay),
             lr=self.peak_lr, betas=(0.9, 0.95))
 
         self.step = 0  # optimizer steps done
         self.wall_seconds = 0.0  # across every segment of a resumed run
         self.images_seen = 0
+        self.unreadable: set[int] = set()  # indices of the image files found unreadable so far
         self.writer = None
-
-    @property
-    def image_size(self) -> int:
-        from mimbench.backbones.vit import ARCHS
-
-        return ARCHS[self.config.arch]["img_size"]
 
     # ----------------------------------------------------------------------------------------- state
 
@@ -162,7 +225,8 @@ class Trainer:
             "step": self.step,
             "wall_seconds": self.wall_seconds,
             "images_seen": self.images_seen,
-            "config": json.dumps(asdict(self.config)),
+            "unreadable": sorted(self.unreadable),
+            "config": json.dumps(to_dict(self.config)),
         }
 
     def save(self) -> Path | None:
@@ -170,9 +234,31 @@ class Trainer:
             return None
         path = self.out / "checkpoints" / f"step_{self.step:08d}.pth"
         atomic_write(path, lambda tmp: torch.save(self.state(), tmp))
-        for old in checkpoint_paths(self.out)[: -self.config.keep_checkpoints]:
+        for old in checkpoint_paths(self.out)[: -self.config.recipe.keep_checkpoints]:
             old.unlink(missing_ok=True)
         return path
+
+    def holds_run(self) -> bool:
+        return bool(checkpoint_paths(self.out)) or (self.out / "encoder.safetensors").exists()
+
+    def take_run_directory(self) -> RunLock | None:
+        """Rank 0 locks ``out`` and applies the resume rule; the other ranks stop with its one line if it refuses,
+        before any of them reads a checkpoint."""
+        lock, refusal = None, None
+        if self.dist.is_main:
+            try:
+                lock = start_run(self.out, to_dict(self.config), resume=self.config.run.resume,
+                                 holds_run=self.holds_run(), harmless=HARMLESS_ON_RESUME)
+            except UserError as error:
+                refusal = error
+        if self.dist.world_size > 1:
+            verdict = [str(refusal) if refusal else None]
+            dist.broadcast_object_list(verdict, src=0)
+            if verdict[0] is not None and refusal is None:
+                refusal = ConfigError(verdict[0])
+        if refusal is not None:
+            raise refusal
+        return lock
 
     def resume(self) -> Path | None:
         """Continue from the newest checkpoint in ``out/checkpoints`` if there is one."""
@@ -185,79 +271,106 @@ class Trainer:
         self.step = state["step"]
         self.wall_seconds = state["wall_seconds"]
         self.images_seen = state["images_seen"]
+        self.unreadable = set(state.get("unreadable", ()))  # checkpoints older than the count have none
         return paths[-1]
 
     # -------------------------------------------------------------------------------------- training
 
     def train(self) -> Path:
-        """Train to ``config.epochs`` (resuming if possible); returns the exported encoder's path."""
-        resumed = self.resume()
-        if self.dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            from torch.utils.tensorboard import SummaryWriter
+        """Train to the recipe's epochs (resuming with ``run.resume``); returns the exported encoder's path."""
+        lock = self.take_run_directory()
+        try:
+            resumed = self.resume()
+            if self.dist.is_main:
+                from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.out / "tensorboard"))
-            where = f"resumed from {resumed}" if resumed else "from scratch"
-            print(f"{self.config.method} {self.config.arch}: {self.config.epochs} epochs x {self.steps_per_epoch} "
-                  f"steps, effective batch {self.effective_batch}, lr {self.peak_lr:.2e}, {self.device} "
-                  f"{'bf16' if self.dtype else 'fp32'}, {self.dist.world_size} process(es), {where}", flush=True)
-        while self.step < self.total_steps:
-            self.train_epoch(self.step // self.steps_per_epoch)
-        return self.export()
+                self.writer = SummaryWriter(str(self.out / "tensorboard"))
+                where = f"resumed from {resumed}" if resumed else "from scratch"
+                print(f"{self.config.run.method} {self.config.recipe.arch} ({self.config.preset}): "
+                      f"{self.config.recipe.epochs} epochs x {self.steps_per_epoch} steps, effective batch "
+                      f"{self.effective_batch}, lr {self.peak_lr:.2e}, {self.device} {precision_name(self.dtype)}, "
+                      f"{self.dist.world_size} process(es), data {self.dataset.description}, {where}", flush=True)
+            while self.step < self.total_steps:
+                self.train_epoch(self.step // self.steps_per_epoch)
+            return self.export()
+        finally:
+            if lock is not None:
+                lock.release()
 
     def train_epoch(self, epoch: int) -> None:
-        config = self.config
-        micro_per_step = config.accum_steps
+        run, recipe = self.config.run, self.config.recipe
+        micro_per_step = recipe.accum_steps
         start_in_epoch = self.step - epoch * self.steps_per_epoch
-        self.sampler.set_epoch(epoch, skip=start_in_epoch * micro_per_step * config.batch_size)
+        self.sampler.set_epoch(epoch, skip=start_in_epoch * micro_per_step * recipe.batch_size)
         self.dataset.set_epoch(epoch)
-        loader = DataLoader(self.dataset, batch_size=config.batch_size, sampler=self.sampler, drop_last=True,
-                            num_workers=config.num_workers, pin_memory=self.device.type == "cuda",
-                            generator=torch.Generator().manual_seed(config.seed))
+        loader = DataLoader(self.dataset, batch_size=recipe.batch_size, sampler=self.sampler, drop_last=True,
+                            num_workers=recipe.num_workers, pin_memory=self.device.type == "cuda",
+                            generator=torch.Generator().manual_seed(run.seed))
         self.model.train()
-        progress = tqdm(total=self.steps_per_epoch, initial=start_in_epoch, desc=f"epoch {epoch}",
-                        disable=not self.dist.is_main, dynamic_ncols=True)
         segment_start = time.perf_counter()
-        last_time, micro = segment_start, 0
-        for images in loader:
-            images = images.to(self.device, non_blocking=True)
-            last_micro = (micro + 1) % micro_per_step == 0
-            lr = learning_rate(self.step / self.steps_per_epoch, config, self.peak_lr)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            global_micro = (self.step * micro_per_step + micro % micro_per_step) * self.dist.world_size + self.dist.rank
-            torch.manual_seed(micro_batch_seed(config.seed, global_micro))
-            sync = contextlib.nullcontext() if last_micro or self.ddp is self.model else self.ddp.no_sync()
-            with sync:
-                with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-                    loss, parts = self.forward(images)
-                self.check_finite(loss, epoch)
-                (loss / micro_per_step).backward()
-            micro += 1
-            if not last_micro:
-                continue
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            self.images_seen += self.effective_batch
-            logs = {"loss": loss.detach().float(), **parts, "lr": lr}
-            if hasattr(self.model, "after_optimizer_step"):
-                logs.update(self.model.after_optimizer_step(self.step, self.total_steps))
-            now = time.perf_counter()
-            throughput = self.effective_batch / max(now - last_time, 1e-9)
-            last_time = now
-            self.log(logs, throughput, progress)
-            if self.step % config.save_every_steps == 0 and self.step % self.steps_per_epoch != 0:
-                self.wall_seconds += now - segment_start
-                segment_start = now
-                self.save()
-            if self.step % self.steps_per_epoch == 0:
-                break
-        progress.close()
+        last_time, micro, unreadable = segment_start, 0, []
+        world, rank = self.dist.world_size, self.dist.rank
+        # A context, so a run stopped mid-epoch ends the bar's line before its error line.
+        with tqdm(total=self.steps_per_epoch, initial=start_in_epoch, desc=f"epoch {epoch}",
+                  disable=not self.dist.is_main, dynamic_ncols=True) as progress:
+            for images, skipped in loader:
+                images = images.to(self.device, non_blocking=True)
+                unreadable += skipped[skipped >= 0].tolist()
+                last_micro = (micro + 1) % micro_per_step == 0
+                lr = learning_rate(self.step / self.steps_per_epoch, recipe, self.peak_lr)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                global_micro = (self.step * micro_per_step + micro % micro_per_step) * world + rank
+                torch.manual_seed(micro_batch_seed(run.seed, global_micro))
+                sync = contextlib.nullcontext() if last_micro or self.ddp is self.model else self.ddp.no_sync()
+                with sync:
+                    with autocast(self.device, self.dtype):
+                        loss, parts = self.forward(images)
+                    self.check_finite(loss, epoch)
+                    (loss / micro_per_step).backward()
+                micro += 1
+                if not last_micro:
+                    continue
+                self.count_unreadable(unreadable)
+                unreadable = []
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                self.images_seen += self.effective_batch
+                logs = {"loss": loss.detach().float(), **parts, "lr": lr}
+                if hasattr(self.model, "after_optimizer_step"):
+                    logs.update(self.model.after_optimizer_step(self.step, self.total_steps))
+                now = time.perf_counter()
+                throughput = self.effective_batch / max(now - last_time, 1e-9)
+                last_time = now
+                self.log(logs, throughput, progress)
+                if self.step % recipe.save_every_steps == 0 and self.step % self.steps_per_epoch != 0:
+                    self.wall_seconds += now - segment_start
+                    segment_start = now
+                    self.save()
+                if self.step % self.steps_per_epoch == 0:
+                    break
         self.wall_seconds += time.perf_counter() - segment_start
         self.save()
         if self.dist.is_main:
+            if self.unreadable:
+                print(f"epoch {epoch}: {len(self.unreadable)} unreadable image file(s) skipped so far, "
+                      f"{len(self.unreadable) / len(self.dataset):.3%} of {len(self.dataset)}", flush=True)
             self.save_figure(epoch)
+
+    def count_unreadable(self, found: list[int]) -> None:
+        """Add the unreadable files of one step (every process's) to the count; past the limit, stop."""
+        if self.dist.world_size > 1:
+            gathered: list[list[int]] = [[] for _ in range(self.dist.world_size)]
+            dist.all_gather_object(gathered, found)
+            found = [index for part in gathered for index in part]
+        self.unreadable.update(found)
+        limit = self.config.max_bad_image_share
+        if len(self.unreadable) > limit * len(self.dataset):
+            raise DatasetError(f"{len(self.unreadable)} of the {len(self.dataset)} images under "
+                               f"{self.dataset.description} are unreadable so far, more than --max-bad-image-share "
+                               f"{limit:g} ({limit:.1%}); the warnings name each file; fix or remove them, or "
+                               "raise the limit")
 
     def check_finite(self, loss: torch.Tensor, epoch: int) -> None:
         if not finite_on_all_ranks(loss, self.dist.world_size):
@@ -280,9 +393,9 @@ class Trainer:
     def save_figure(self, epoch: int) -> None:
         """Original / input (masked or mixed) / reconstruction of a fixed set of images, one row each."""
         self.model.eval()
-        torch.manual_seed(self.config.seed)
-        images = torch.stack([self.dataset[i] for i in range(min(8, len(self.dataset)))]).to(self.device)
-        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+        torch.manual_seed(self.config.run.seed)
+        images = torch.stack([self.dataset[i][0] for i in range(min(8, len(self.dataset)))]).to(self.device)
+        with autocast(self.device, self.dtype):
             shown = self.model.visualize(images)
         rows = [denormalize(shown[key]) for key in ("original", "input", "reconstruction")]
         zoom = max(1, 128 // images.shape[-1])  # small demo crops are enlarged so they can be seen
@@ -303,6 +416,7 @@ class Trainer:
             "gpu_days": round(accelerator_hours / 24, 6) if self.device.type == "cuda" else 0.0,
             "cpu_process_hours": round(accelerator_hours, 5) if self.device.type == "cpu" else 0.0,
             "images_per_s": round(self.images_seen / max(self.wall_seconds, 1e-9), 2),
+            "unreadable_images": len(self.unreadable),
             "peak_memory_gb": round(peak_memory_gb(self.device), 3),
             "precision": precision_name(self.dtype),
             "compute": compute_settings(self.device, self.dtype),
@@ -314,11 +428,9 @@ class Trainer:
         if not self.dist.is_main:
             return path
         cost = self.cost()
-        data = f"embedded:scikit-image photos ({len(self.dataset)} crops/epoch)" if self.config.embedded \
-            else str(self.config.data_root)
-        metadata = CheckpointMetadata(method=self.config.method, arch=self.config.arch,
-                                      epochs=self.step / self.steps_per_epoch, data=data, git_commit=git_commit(),
-                                      extra={"cost": cost, "config": asdict(self.config)})
+        metadata = CheckpointMetadata(method=self.config.run.method, arch=self.config.recipe.arch,
+                                      epochs=self.step / self.steps_per_epoch, data=self.dataset.description,
+                                      git_commit=git_commit(), extra={"cost": cost, "config": to_dict(self.config)})
         save_backbone(path, self.model.export_encoder(), metadata)
         atomic_write(self.out / "cost.json", lambda tmp: tmp.write_text(json.dumps(cost, indent=2) + "\n"))
         self.writer.close()

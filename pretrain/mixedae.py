@@ -30,7 +30,13 @@ Choices where the paper (poster and abstract as read here) leaves a detail open,
   averaged over the positives of each anchor (the paper sums; with equal shares that is a constant factor) and
   over anchors; temperature 0.25 and weight 0.1 are our defaults, not verified against the paper.
 - ``homo_acc`` (the paper's "homologous recognition accuracy" curve): share of the TopK keys of each patch query
-  that are homologous patches, in the deepest homologous block, averaged over heads.
+  that are homologous patches, in the deepest homologous block, averaged over heads. That block's attention
+  records the indices its TopK kept during the forward pass; without homologous blocks the last block records
+  what TopK would keep of its (unchanged) attention.
+
+Homologous attention lives here, not in the backbone: :class:`MixedAutoencoder` swaps it into its encoder's blocks
+over the same modules (same parameters, same state-dict keys), and :meth:`MixedAutoencoder.export_encoder` swaps
+timm's attention back, so the exported encoder is a plain timm ViT.
 
 MixedAE-Full (object-aware pretraining) changes how sources are chosen and mixed; :meth:`sample_mixing_mask`
 is the one place to override for that.
@@ -38,18 +44,17 @@ is the one place to override for that.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.models.vision_transformer import Attention, VisionTransformer
 
-from mimbench.backbones.vit import HomologousAttention, set_homologous_attention
 from mimbench.pretrain.mae import AutoencoderConfig, MAEConfig, MaskedAutoencoder, gather_tokens, visualization
 
 
@@ -145,35 +150,112 @@ def homologous_contrastive_loss(
     return per_anchor.mean()
 
 
-@torch.no_grad()
-def homologous_accuracy(
-    attention: HomologousAttention, tokens: torch.Tensor, source_ids: torch.Tensor, topk: int
-) -> torch.Tensor:
-    """Share of the TopK keys of each patch query (all heads) that are its homologous patches.
+def homologous_softmax(logits: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(TopK(logits)) over the last dim, and the indices TopK kept (..., K).
 
-    ``tokens`` (G, 1 + N, D) is the attention's input (class token first). Recomputes the attention logits
-    because :class:`HomologousAttention` keeps its TopK indices internal.
+    MixedAE (Chen et al., CVPR 2023, eq. "A_HomoAtt"): in a mixed image the largest attention logits of a patch
+    are most likely its homologous (same-source) patches, so attention outside the TopK is cut to zero.
+    Indices come from ``topk`` and are scattered, so ties never keep more than ``topk`` entries.
     """
-    groups, num_tokens, _ = tokens.shape
-    qkv = attention.qkv(tokens).reshape(groups, num_tokens, 3, attention.num_heads, attention.head_dim)
-    q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    logits = (attention.q_norm(q) * attention.scale) @ attention.k_norm(k).transpose(-2, -1)
-    top_keys = logits[:, :, 1:].topk(min(topk, num_tokens), dim=-1).indices  # (G, heads, N, K)
+    topk = min(topk, logits.shape[-1])
+    top_logits, top_index = logits.topk(topk, dim=-1)
+    kept = torch.full_like(logits, float("-inf")).scatter(-1, top_index, top_logits)
+    return kept.softmax(dim=-1), top_index
+
+
+class HomologousAttention(nn.Module):
+    """Multi-head self-attention with TopK sparsification over the modules of the timm ``Attention`` it replaces
+    (the same ``qkv``, norms, ``proj``: same parameters, same state-dict keys).
+
+    ``sparse=True`` attends through :func:`homologous_softmax` of qkᵀ/√D; ``sparse=False`` is timm's attention
+    unchanged. With ``record`` set, each forward leaves ``kept_index`` (B, heads, tokens, K): the keys TopK kept
+    for every query (with ``sparse=False``, those it would keep). ``standard`` is the replaced timm module.
+    """
+
+    def __init__(self, attention: Attention, topk: int, sparse: bool = True) -> None:
+        super().__init__()
+        for name, module in attention.named_children():  # in timm's order, so parameters keep their order
+            self.add_module(name, module)
+        self.gate = attention.gate  # timm's optional output gate (None unless gated)
+        self.num_heads, self.head_dim, self.attn_dim = attention.num_heads, attention.head_dim, attention.attn_dim
+        self.scale, self.fused_attn = attention.scale, attention.fused_attn
+        self.topk, self.sparse, self.record = topk, sparse, False
+        self.kept_index: torch.Tensor | None = None
+        self.__dict__["standard"] = attention  # not a submodule: its modules are ours already
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError("homologous attention does not take an attention mask")
+        batch, tokens, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.sparse:
+            attn, kept_index = homologous_softmax((q * self.scale) @ k.transpose(-2, -1), self.topk)
+            x = self.attn_drop(attn) @ v
+        else:
+            x, kept_index = self._standard_attention(q, k, v)
+        if self.record:
+            self.kept_index = kept_index
+        x = x.transpose(1, 2).reshape(batch, tokens, self.attn_dim)
+        x = self.norm(x)
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))
+
+    def _standard_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """timm's attention (its fused kernel where timm uses it), and what TopK would keep if recording."""
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+        else:
+            x = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+        if not self.record:
+            return x, None
+        with torch.no_grad():
+            return x, ((q * self.scale) @ k.transpose(-2, -1)).topk(min(self.topk, k.shape[-2]), dim=-1).indices
+
+
+def use_homologous_attention(
+    model: VisionTransformer, topk: int, blocks: Sequence[int] | None = None, sparse: bool = True
+) -> list[HomologousAttention]:
+    """Swap timm's attention for homologous attention (``topk`` keys per query) in ``blocks`` (default: all), in
+    place; the parameters stay the same objects. Returns the swapped-in modules."""
+    swapped = []
+    for index in range(len(model.blocks)) if blocks is None else blocks:
+        block = model.blocks[index]
+        if not isinstance(block.attn, Attention):
+            raise TypeError(f"block {index} has {type(block.attn).__name__}, not timm's Attention")
+        block.attn = HomologousAttention(block.attn, topk, sparse)
+        swapped.append(block.attn)
+    return swapped
+
+
+def with_standard_attention(model: VisionTransformer) -> VisionTransformer:
+    """A copy of ``model`` with timm's attention back in every block: a plain timm ViT with the same weights."""
+    model = copy.deepcopy(model)
+    for block in model.blocks:
+        if isinstance(block.attn, HomologousAttention):
+            block.attn = block.attn.standard.train(block.attn.training)
+    return model
+
+
+@torch.no_grad()
+def homologous_accuracy(kept_index: torch.Tensor, source_ids: torch.Tensor) -> torch.Tensor:
+    """Share of the keys TopK kept for each patch query (all heads) that are its homologous patches.
+
+    ``kept_index`` (G, heads, 1 + N, K), as :class:`HomologousAttention` records it: key indices over the class
+    token and the N patches of each mixed image; ``source_ids`` (G, N).
+    """
+    top_keys = kept_index[:, :, 1:]  # the patch queries
     # The class token belongs to no source: id -1 never matches.
     key_ids = F.pad(source_ids, (1, 0), value=-1)
     key_ids = key_ids[:, None, None, :].expand(-1, *top_keys.shape[1:3], -1).gather(-1, top_keys)
     return (key_ids == source_ids[:, None, :, None]).float().mean()
-
-
-@contextlib.contextmanager
-def capture_input(module: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
-    """Record the (detached) first positional input of ``module`` while the context is open."""
-    captured: dict[str, torch.Tensor] = {}
-    handle = module.register_forward_pre_hook(lambda _, args: captured.__setitem__("input", args[0].detach()))
-    try:
-        yield captured
-    finally:
-        handle.remove()
 
 
 # -------------------------------------------------------------------------------------------------- model
@@ -197,15 +279,23 @@ class MixedAutoencoder(MaskedAutoencoder):
         if any(not 0 <= index < depth for index in blocks):
             raise ValueError(f"homologous_blocks {tuple(blocks)} out of range for {depth} encoder blocks")
         self.homologous_blocks = tuple(blocks)
-        set_homologous_attention(self.encoder, self.topk, self.homologous_blocks)
+        use_homologous_attention(self.encoder, self.topk, self.homologous_blocks)
         # homo_acc is read where recognition is deepest; without HomoAtt, at the last block (what TopK would keep).
         self.diagnostic_block = max(self.homologous_blocks, default=depth - 1)
+        if not self.homologous_blocks:
+            use_homologous_attention(self.encoder, self.topk, [self.diagnostic_block], sparse=False)
+        self.diagnostic_attention.record = True
 
         if config.segment_embedding:
             self.segment_embed = nn.Parameter(torch.zeros(self.num_sources, self.encoder.embed_dim))
             nn.init.normal_(self.segment_embed, std=0.02)
         else:
             self.register_parameter("segment_embed", None)
+
+    @property
+    def diagnostic_attention(self) -> HomologousAttention:
+        """The attention whose TopK indices give ``homo_acc``."""
+        return self.encoder.blocks[self.diagnostic_block].attn
 
     def num_groups(self, batch: int) -> int:
         if batch % self.num_sources:
@@ -234,14 +324,13 @@ class MixedAutoencoder(MaskedAutoencoder):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         source_ids = self.sample_mixing_mask(images)
-        with capture_input(self.encoder.blocks[self.diagnostic_block].attn) as attention_input:
-            latent = self.forward_encoder(images, source_ids)
+        latent = self.forward_encoder(images, source_ids)
+        homo_acc = homologous_accuracy(self.diagnostic_attention.kept_index, source_ids)
+        self.diagnostic_attention.kept_index = None  # read once; not held until the next step
         prediction, hidden = self.forward_decoder(latent, source_ids)
         loss_recon = self.reconstruction_loss(images, prediction, hidden)
         loss_homocon = homologous_contrastive_loss(latent[:, 1:], source_ids, self.config.temperature)
         loss = loss_recon + self.config.contrastive_weight * loss_homocon
-        homo_acc = homologous_accuracy(
-            self.encoder.blocks[self.diagnostic_block].attn, attention_input["input"], source_ids, self.topk)
         parts = {"loss_recon": loss_recon.detach(), "loss_homocon": loss_homocon.detach(), "homo_acc": homo_acc}
         return loss, parts
 
@@ -253,8 +342,6 @@ class MixedAutoencoder(MaskedAutoencoder):
         return visualization(images, prediction.float(), hidden, self.patch_size, self.config.norm_pix_loss)
 
     def export_encoder(self) -> nn.Module:
-        """A copy of the timm encoder with standard attention: downstream never uses TopK. The segment
-        embeddings live outside the encoder, so they are not in its state dict."""
-        encoder = copy.deepcopy(self.encoder)
-        set_homologous_attention(encoder, None)
-        return encoder
+        """A copy of the encoder with timm's attention: a plain timm ViT, as downstream never uses TopK. The
+        segment embeddings live outside the encoder, so they are not in its state dict."""
+        return with_standard_attention(self.encoder)

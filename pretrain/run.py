@@ -1,13 +1,15 @@
 """Pretrain a ViT with MAE, RC-MAE or MixedAE.
 
-    python pretrain/run.py --method mixedae --arch vit_base_patch16_224 --data-root /imagenet/train \\
-        --epochs 300 --out runs/mixedae300
+    python pretrain/run.py --method mixedae --data-root /imagenet/train --out runs/mixedae300   # the paper's recipe
     torchrun --nproc_per_node 8 pretrain/run.py --method mae --data-root /imagenet/train --batch-size 64 \\
         --accum-steps 8 --out runs/mae300                # 8 GPUs x 64 x 8 = the paper's 4096
     python pretrain/run.py --method mae --embedded --out runs/demo-mae  # small ViT, bundled photos, CPU
+    python pretrain/run.py --config runs/demo-mae/config.yaml --out runs/again   # replays a run
 
-Method options (mask ratio, decoder size, mixing ratio, ...) are flags too: ``--method mixedae --help``
-lists them. Re-running the same command continues from the newest checkpoint in ``--out``.
+The recipe is a preset (--preset; in1k_vit_b by default, embedded_cpu with --embedded), and every field is a
+flag; the run directory's config.yaml records the resolved configuration. Method options (mask ratio, decoder
+size, mixing ratio, ...) are flags too: ``--method mixedae --help`` lists them. A run directory that holds a run
+is continued from its newest checkpoint with --resume, and only with the same model and data settings.
 """
 
 from __future__ import annotations
@@ -15,55 +17,50 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from typing import Any
 
-from mimbench.core.config import add_dataclass_flags, exit_status
+from mimbench.core.config import Embedded, add_dataclass_flags, config_parser, exit_status, parse_config
+from mimbench.core.rundir import read_config
+from mimbench.pretrain.data import write_embedded_photos
+from mimbench.pretrain.engine import DEFAULT_PRESET, METHODS, PRESETS, PretrainConfig, Trainer, method_classes, resolve
 
-# Small ViTs for the embedded data: a matching small decoder and a CPU-sized schedule.
-EMBEDDED_DEFAULTS: dict[str, Any] = dict(arch="vit_tiny_patch4_32", epochs=10, warmup_epochs=2, batch_size=64,
-                                         base_lr=1.5e-4 * 4, num_workers=2, samples_per_epoch=2048,
-                                         save_every_steps=100)
-SMALL_DECODER: dict[str, Any] = dict(decoder_dim=128, decoder_depth=2, decoder_heads=4)
+PROG = "pretrain/run.py"
+# --embedded: the bundled photos, written once as PNG files, with the CPU preset.
+EMBEDDED = Embedded(root="runs/datasets/photos-embedded", preset="embedded_cpu", make=write_embedded_photos)
 
 
-def parse_args(argv: list[str] | None = None) -> Any:
-    from mimbench.pretrain.engine import METHODS, PretrainConfig
-
+def chosen_method(argv: list[str] | None) -> str:
+    """--method, else the replayed config's, else the default: it decides which option flags exist."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--method", choices=list(METHODS), default="mae")
-    method = pre.parse_known_args(argv)[0].method
+    pre.add_argument("--method", choices=list(METHODS))
+    pre.add_argument("--config")
+    known = pre.parse_known_args(argv)[0]
+    saved = read_config(known.config).get("run") if known.config else None
+    method = known.method or (saved.get("method") if isinstance(saved, dict) else None)
+    return method or PretrainConfig().run.method
 
-    parser = argparse.ArgumentParser(prog="pretrain/run.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataclass_flags(parser, PretrainConfig, skip={"method_options"})
-    parser.set_defaults(method=method)
+
+def parse_args(argv: list[str] | None = None) -> PretrainConfig:
+    method = chosen_method(argv)
+    # ckpt, which and results are the evaluation runs' fields; --arch and --method are added once below (the
+    # arch is both a run field and the recipe's, and the method has a fixed set of choices).
+    parser = config_parser(PretrainConfig, PROG, __doc__, PRESETS, EMBEDDED,
+                           skip={"ckpt", "which", "results", "arch", "method", "method_options"})
+    parser.add_argument("--method", choices=list(METHODS), help=f"(default: {PretrainConfig().run.method})")
+    parser.add_argument("--arch", help="the ViT to pretrain (default: the preset's)")
     options = parser.add_argument_group(f"{method} options")
-    add_dataclass_flags(options, METHODS[method][0], skip={"arch"})
-    args = vars(parser.parse_args(argv))
-
-    run_fields = {f.name for f in dataclasses.fields(PretrainConfig)}
-    given = {k: v for k, v in args.items() if v is not None}
-    run = {k: v for k, v in given.items() if k in run_fields}
-    method_options = {k: v for k, v in given.items() if k not in run_fields}
-    if not run.get("embedded") and not run.get("data_root"):
-        sys.exit("error: say where the images are: --data-root DIR (ImageNet-style <DIR>/<class>/<image> or a "
-                 "folder of images), or --embedded for the photos bundled with the install (a small CPU demo)")
-    if run.get("embedded"):
-        run = {**EMBEDDED_DEFAULTS, **run}
-    from mimbench.backbones.vit import ARCHS
-
-    if ARCHS[run.get("arch", "vit_base_patch16_224")]["embed_dim"] <= 192:
-        method_options = {**SMALL_DECODER, **method_options}
-    if method_options.get("homologous_blocks") is not None:
-        method_options["homologous_blocks"] = tuple(method_options["homologous_blocks"])
-    return PretrainConfig(**run, method_options=method_options)
+    method_class = method_classes(method)[0]
+    option_names = [field.name for field in dataclasses.fields(method_class) if field.name != "arch"]
+    add_dataclass_flags(options, method_class, skip={"arch"})
+    config = parse_config(PretrainConfig, argv, prog=PROG, presets=PRESETS, default_preset=DEFAULT_PRESET,
+                          embedded=EMBEDDED, parser=parser)
+    given = {name: value for name, value in vars(parser.parse_args(argv)).items()
+             if name in option_names and value is not None}
+    recipe = dataclasses.replace(config.recipe, method_options={**config.recipe.method_options, **given})
+    return resolve(dataclasses.replace(config, recipe=recipe))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mimbench.pretrain.engine import Trainer
-
-    config = parse_args(argv)
-    return exit_status(lambda: Trainer(config).train())
+    return exit_status(lambda: Trainer(parse_args(argv)).train())
 
 
 if __name__ == "__main__":

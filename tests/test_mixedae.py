@@ -1,24 +1,31 @@
-"""MixedAE: mixing math, homologous contrastive loss, homologous attention in the encoder, training, export."""
+"""MixedAE: mixing math, homologous attention and contrastive loss, the encoder's swap, training, export."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
+from timm.models.vision_transformer import Attention, VisionTransformer
 
-import mimbench.backbones.vit as vit
-from mimbench.backbones.vit import HomologousAttention, create_backbone
+import mimbench.pretrain.mixedae as mixedae
+from mimbench.backbones.checkpoint import CheckpointMetadata, backbone_from_checkpoint, save_backbone
+from mimbench.backbones.vit import create_backbone
 from mimbench.pretrain.mae import gather_tokens
 from mimbench.pretrain.mixedae import (
+    HomologousAttention,
     MixedAEConfig,
     MixedAutoencoder,
     homologous_accuracy,
     homologous_contrastive_loss,
+    homologous_softmax,
     mix,
     mixing_mask,
     source_layout,
     unmix,
+    use_homologous_attention,
+    with_standard_attention,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -91,6 +98,105 @@ def test_mix_takes_each_position_from_its_source_and_unmix_recovers_each_image()
     assert (restored[~visible] == 0).all()
 
 
+# ---------------------------------------------------------------------------------- homologous attention
+
+
+def make_attention(seed: int = 0) -> Attention:
+    torch.manual_seed(seed)
+    return Attention(dim=64, num_heads=4, qkv_bias=True).eval()
+
+
+def test_homologous_attention_with_k_at_least_tokens_equals_standard_attention():
+    standard = make_attention()
+    tokens = torch.randn(3, 17, 64)
+    with torch.no_grad():
+        expected = standard(tokens)
+        for topk in (17, 40):
+            attention = HomologousAttention(copy.deepcopy(standard), topk).eval()
+            torch.testing.assert_close(attention(tokens), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_homologous_attention_takes_over_timms_modules_and_keys():
+    standard = make_attention()
+    attention = HomologousAttention(standard, topk=4)
+    assert list(attention.state_dict()) == list(standard.state_dict())
+    assert all(a is b for a, b in zip(attention.parameters(), standard.parameters()))  # the same tensors
+    assert attention.standard is standard and "standard" not in dict(attention.named_children())
+
+
+def test_dense_homologous_attention_is_timms_attention_bit_for_bit():
+    """``sparse=False`` (homo_acc's block when no block is homologous) must not change the encoder's numbers."""
+    standard = make_attention(2)
+    attention = HomologousAttention(copy.deepcopy(standard), topk=5, sparse=False).eval()
+    attention.record = True
+    tokens = torch.randn(2, 12, 64)
+    with torch.no_grad():
+        assert torch.equal(attention(tokens), standard(tokens))
+    assert attention.kept_index.shape == (2, 4, 12, 5)
+
+
+def test_homologous_softmax_keeps_exactly_k_largest_per_row():
+    logits = torch.randn(2, 4, 10, 10)
+    weights, kept_index = homologous_softmax(logits, topk=3)
+    assert torch.all((weights > 0).sum(-1) == 3)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, 10))
+    kept = weights > 0
+    smallest_kept = logits.masked_fill(~kept, float("inf")).amin(-1)
+    largest_dropped = logits.masked_fill(kept, float("-inf")).amax(-1)
+    assert torch.all(smallest_kept > largest_dropped)
+    # the kept weights are the softmax over the kept logits alone, at the returned indices
+    top = logits.topk(3, dim=-1)
+    assert torch.equal(kept_index, top.indices)
+    torch.testing.assert_close(weights.gather(-1, top.indices), top.values.softmax(-1))
+
+
+def test_homologous_softmax_ties_still_keep_exactly_k():
+    weights, kept_index = homologous_softmax(torch.zeros(5, 8), topk=2)
+    assert torch.all((weights > 0).sum(-1) == 2)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(5))
+    assert torch.equal((weights > 0).nonzero()[:, 1].view(5, 2).sort().values, kept_index.sort().values)
+
+
+def test_homologous_attention_output_matches_hand_computation():
+    attention = HomologousAttention(make_attention(1), topk=4)
+    attention.record = True
+    tokens = torch.randn(2, 12, 64)
+    q, k, v = attention.qkv(tokens).reshape(2, 12, 3, 4, 16).permute(2, 0, 3, 1, 4)
+    logits = q @ k.transpose(-2, -1) / 16 ** 0.5
+    threshold = logits.topk(4, dim=-1).values[..., -1:]
+    weights = logits.masked_fill(logits < threshold, float("-inf")).softmax(-1)
+    expected = attention.proj((weights @ v).transpose(1, 2).reshape(2, 12, 64))
+    with torch.no_grad():
+        torch.testing.assert_close(attention(tokens), expected.detach(), atol=1e-5, rtol=1e-5)
+    # what it recorded is what it kept
+    kept = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, attention.kept_index, True)
+    assert torch.equal(kept, weights > 0)
+
+
+def test_homologous_attention_only_in_chosen_blocks():
+    model = create_backbone("vit_tiny_patch4_32").eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        dense = model(images)
+        use_homologous_attention(model, topk=16, blocks=[9, 10, 11])
+        assert [type(block.attn) for block in model.blocks] == [Attention] * 9 + [HomologousAttention] * 3
+        assert all(block.attn.topk == 16 for block in model.blocks[9:])
+        sparse = model(images)
+        standard = with_standard_attention(model)
+        assert torch.equal(standard(images), dense)  # timm's attention back: the function it was
+    assert not torch.allclose(sparse, dense)  # TopK changes the function
+    assert [type(block.attn) for block in standard.blocks] == [Attention] * 12
+
+
+def test_homologous_attention_trains_under_bf16_autocast():
+    model = create_backbone("vit_tiny_patch4_32")
+    use_homologous_attention(model, topk=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(torch.randn(2, 3, 32, 32)).float().pow(2).mean()
+    loss.backward()
+    assert torch.isfinite(loss) and model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
 # --------------------------------------------------------------------------------- homologous contrastive
 
 
@@ -138,11 +244,13 @@ def test_homologous_contrastive_loss_rewards_features_that_separate_sources():
     assert good.item() == pytest.approx(math.log(3 + 12 * math.exp(-1 / 0.25)), abs=0.02)
 
 
+@pytest.mark.parametrize("sparse", [True, False])
 @pytest.mark.parametrize("key_sign, expected", [(1.0, 1.0), (-1.0, 0.0)])
-def test_homologous_accuracy_is_the_share_of_topk_keys_from_the_same_source(key_sign, expected):
+def test_homologous_accuracy_is_the_share_of_topk_keys_from_the_same_source(key_sign, expected, sparse):
     """q = x and k = ±x on tokens that are one-hot by source: the TopK keys of every patch are all its
     homologous patches (k = x), or none of them (k = -x puts them last)."""
-    attention = HomologousAttention(dim=8, num_heads=1, qkv_bias=True)
+    attention = HomologousAttention(Attention(dim=8, num_heads=1, qkv_bias=True), topk=4, sparse=sparse)
+    attention.record = True
     with torch.no_grad():
         eye = torch.eye(8)
         attention.qkv.weight.copy_(torch.cat([eye, key_sign * eye, eye]))
@@ -151,7 +259,10 @@ def test_homologous_accuracy_is_the_share_of_topk_keys_from_the_same_source(key_
     source_ids = mixing_mask(groups=2, num_sources=4, num_patches=16)
     patches = 10 * torch.nn.functional.one_hot(source_ids, 8).float()
     tokens = torch.cat([torch.zeros(2, 1, 8), patches], dim=1)
-    assert homologous_accuracy(attention, tokens, source_ids, topk=4).item() == expected
+    with torch.no_grad():
+        attention(tokens)
+    assert attention.kept_index.shape == (2, 1, 17, 4)
+    assert homologous_accuracy(attention.kept_index, source_ids).item() == expected
 
 
 # ------------------------------------------------------------------------------------------- the model
@@ -160,16 +271,17 @@ def test_homologous_accuracy_is_the_share_of_topk_keys_from_the_same_source(key_
 def test_homologous_attention_keeps_exactly_k_keys_in_the_chosen_blocks(monkeypatch):
     model = tiny_model(homologous_blocks=(9, 10, 11))
     assert model.topk == 16  # round(0.25 * 64)
-    assert [block.attn.topk for block in model.encoder.blocks] == [None] * 9 + [16] * 3
+    assert [type(block.attn) for block in model.encoder.blocks] == [Attention] * 9 + [HomologousAttention] * 3
+    assert [block.attn.topk for block in model.encoder.blocks[9:]] == [16] * 3
     kept = []
 
     def recording_softmax(logits, topk):
-        attention = vit_homologous_softmax(logits, topk)
+        attention, kept_index = original_softmax(logits, topk)
         kept.append((attention > 0).sum(dim=-1))
-        return attention
+        return attention, kept_index
 
-    vit_homologous_softmax = vit.homologous_softmax
-    monkeypatch.setattr(vit, "homologous_softmax", recording_softmax)
+    original_softmax = mixedae.homologous_softmax
+    monkeypatch.setattr(mixedae, "homologous_softmax", recording_softmax)
     model(structured_images(8))
     assert len(kept) == 3  # one call per homologous block, none elsewhere
     for counts in kept:
@@ -180,7 +292,32 @@ def test_homologous_attention_keeps_exactly_k_keys_in_the_chosen_blocks(monkeypa
 def test_homologous_topk_and_ratio_are_configurable():
     model = tiny_model(mixing_ratio=0.5, homologous_topk=20)
     assert model.num_sources == 2 and model.topk == 20
-    assert all(block.attn.topk == 20 for block in model.encoder.blocks)
+    assert all(block.attn.topk == 20 and block.attn.sparse for block in model.encoder.blocks)
+
+
+@pytest.mark.parametrize("blocks", [None, (4, 7), ()])
+def test_homo_acc_equals_a_direct_computation_from_q_and_k(monkeypatch, blocks):
+    """homo_acc reads the indices the attention recorded; recompute them from that block's q and k by hand.
+    With no homologous block, the last block's standard attention says what TopK would keep."""
+    model = tiny_model(homologous_blocks=blocks)
+    images = structured_images(8)
+    torch.manual_seed(3)
+    source_ids = model.sample_mixing_mask(images)
+    monkeypatch.setattr(model, "sample_mixing_mask", lambda _: source_ids)
+    block = model.encoder.blocks[{None: 11, (4, 7): 7, (): 11}[blocks]]
+    inputs = []
+    block.attn.register_forward_pre_hook(lambda _, args: inputs.append(args[0].detach()))  # the test's own view
+    _, parts = model(images)
+    (tokens,) = inputs
+    with torch.no_grad():
+        q, k, _ = block.attn.qkv(tokens).reshape(2, 65, 3, 3, 64).permute(2, 0, 3, 1, 4)
+        top_keys = (q @ k.transpose(-2, -1) / 8.0)[:, :, 1:].topk(16, dim=-1).indices  # (G, heads, N, K)
+    key_sources = torch.cat([torch.full((2, 1), -1), source_ids], dim=1)  # the class token has no source
+    top_sources = key_sources[:, None, None, :].expand(-1, 3, 64, -1).gather(-1, top_keys)
+    homologous = top_sources == source_ids[:, None, :, None]
+    assert parts["homo_acc"].item() == homologous.float().mean().item()  # 1/8 scales exactly: same TopK
+    assert 0 < parts["homo_acc"] < 1
+    assert block.attn.kept_index is None  # read once, not held until the next step
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.3, 0.75, 1.0])
@@ -218,6 +355,7 @@ def test_forward_parts_visualize_and_reconstruction_targets():
     torch.testing.assert_close(shown["input"] * (shown["input"] != 0), images * (shown["input"] != 0))
 
 
+@pytest.mark.slow  # trains: 40 steps
 def test_mixedae_loss_decreases_on_a_fixed_batch():
     model = tiny_model()
     images = structured_images(8)
@@ -237,15 +375,24 @@ def test_mixedae_loss_decreases_on_a_fixed_batch():
     assert last < 0.8 * first, (first, last)
 
 
-def test_exported_encoder_loads_strictly_into_a_standard_backbone():
+def test_exported_encoder_is_a_plain_timm_vit_that_loads_strictly_into_a_backbone(tmp_path):
     model = tiny_model()
     exported = model.export_encoder()
-    assert all(block.attn.topk is None for block in exported.blocks)
-    assert all(block.attn.topk == 16 for block in model.encoder.blocks)  # training model untouched
+    assert type(exported) is VisionTransformer
+    assert not any(isinstance(module, HomologousAttention) for module in exported.modules())
+    assert [type(block.attn) for block in exported.blocks] == [Attention] * 12
+    assert all(isinstance(block.attn, HomologousAttention) for block in model.encoder.blocks)  # training untouched
+    assert exported.blocks[0].attn.qkv.weight is not model.encoder.blocks[0].attn.qkv.weight  # a copy
+    assert list(exported.state_dict()) == [k.removeprefix("encoder.") for k in model.state_dict()
+                                           if k.startswith("encoder.")]
     assert not any("segment" in key for key in exported.state_dict())
     backbone = create_backbone("vit_tiny_patch4_32")
     backbone.load_state_dict(exported.state_dict(), strict=True)
-    assert all(block.attn.topk is None for block in backbone.blocks)
     images = structured_images(2)
     with torch.no_grad():
-        torch.testing.assert_close(backbone.eval()(images), exported.eval()(images))
+        assert torch.equal(backbone.eval()(images), exported.eval()(images))
+    # through the project's export format too
+    metadata = CheckpointMetadata("mixedae", "vit_tiny_patch4_32")
+    path = save_backbone(tmp_path / "mixedae.safetensors", exported, metadata)
+    loaded, report = backbone_from_checkpoint(path)
+    assert report.encoder_fraction == 1.0 and [type(block.attn) for block in loaded.blocks] == [Attention] * 12

@@ -12,17 +12,25 @@ from pathlib import Path
 
 import pytest
 import torch
+from timm.models.vision_transformer import Attention
 
 from mimbench.backbones.checkpoint import backbone_from_checkpoint, read_checkpoint
 from mimbench.core.errors import TrainingDiverged
 from mimbench.core.runtime import learning_rate
-from mimbench.pretrain.engine import PretrainConfig, Trainer, checkpoint_paths
+from mimbench.pretrain.data import write_embedded_photos
+from mimbench.pretrain.engine import PretrainRecipe, Trainer, checkpoint_paths
 from mimbench.pretrain.run import main, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_RUN = ["--embedded", "--arch", "vit_tiny_patch4_32", "--batch-size", "8", "--samples-per-epoch", "80",
-            "--epochs", "2", "--warmup-epochs", "1", "--save-every-steps", "5", "--num-workers", "0",
-            "--decoder-dim", "64", "--decoder-depth", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> list[str]:
+    """What --embedded runs (the photo set, its preset), at a test's size."""
+    photos = write_embedded_photos(tmp_path_factory.mktemp("datasets") / "photos-embedded")
+    return ["--data-root", str(photos), "--preset", "embedded_cpu", "--arch", "vit_tiny_patch4_32", "--batch-size",
+            "8", "--samples-per-epoch", "80", "--epochs", "2", "--warmup-epochs", "1", "--save-every-steps", "5",
+            "--num-workers", "0", "--decoder-dim", "64", "--decoder-depth", "1"]
 
 
 def final_model(out: Path) -> dict[str, torch.Tensor]:
@@ -32,7 +40,7 @@ def final_model(out: Path) -> dict[str, torch.Tensor]:
 
 
 def test_learning_rate_schedule():
-    config = PretrainConfig(epochs=10, warmup_epochs=2, min_lr=0.0)
+    config = PretrainRecipe(epochs=10, warmup_epochs=2, min_lr=0.0)
     assert learning_rate(0.0, config, 1.0) == 0.0
     assert learning_rate(1.0, config, 1.0) == pytest.approx(0.5)
     assert learning_rate(2.0, config, 1.0) == pytest.approx(1.0)
@@ -40,11 +48,12 @@ def test_learning_rate_schedule():
     assert learning_rate(10.0, config, 1.0) == pytest.approx(0.0)
 
 
-def test_resume_after_sigkill_is_exact(tmp_path):
+@pytest.mark.slow
+def test_resume_after_sigkill_is_exact(tmp_path, tiny_run):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert main(["--method", "rcmae", *TINY_RUN, "--out", str(straight)]) == 0
+    assert main(["--method", "rcmae", *tiny_run, "--out", str(straight)]) == 0
 
-    process = subprocess.Popen([sys.executable, str(ROOT / "pretrain" / "run.py"), "--method", "rcmae", *TINY_RUN,
+    process = subprocess.Popen([sys.executable, str(ROOT / "pretrain" / "run.py"), "--method", "rcmae", *tiny_run,
                                 "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = killed / "checkpoints" / "step_00000005.pth"
     deadline = time.time() + 120
@@ -56,53 +65,59 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     assert first.exists() and still_running, "the run must be killed in the middle"
     assert checkpoint_paths(killed)[-1] != killed / "checkpoints" / "step_00000020.pth"
 
-    assert main(["--method", "rcmae", *TINY_RUN, "--out", str(killed)]) == 0  # resumes on its own
+    with pytest.warns(UserWarning, match="taking over the lock left by a run that is no longer running"):
+        assert main(["--method", "rcmae", *tiny_run, "--out", str(killed), "--resume"]) == 0
     expected, got = final_model(straight), final_model(killed)
     assert expected.keys() == got.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    config = parse_args(["--method", "mae", *TINY_RUN, "--epochs", "1", "--out", str(tmp_path)])
-    Trainer(config).train()
-    before = checkpoint_paths(tmp_path)
-    good = before[-1]
-    good_bytes = good.read_bytes()
-
-    config.epochs = 2
-    trainer = Trainer(config)
+@pytest.mark.slow
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_run):
+    """The loss turns NaN at the 3rd step of epoch 1 (step 13), after the epoch-end checkpoint of step 10."""
+    trainer = Trainer(parse_args(["--method", "mae", *tiny_run, "--out", str(tmp_path)]))
     forward = trainer.forward
-    calls = []
+    calls, before = [], {}
 
     def poisoned(images):
         loss, parts = forward(images)
         calls.append(1)
-        return (loss * float("nan") if len(calls) == 3 else loss), parts
+        if len(calls) == 13:
+            before.update({path: path.read_bytes() for path in checkpoint_paths(tmp_path)})
+            loss = loss * float("nan")
+        return loss, parts
 
     trainer.forward = poisoned
-    with pytest.raises(TrainingDiverged, match=rf"loss is nan .* last good checkpoint: {good}"):
+    good = tmp_path / "checkpoints" / "step_00000010.pth"
+    with pytest.raises(TrainingDiverged, match=rf"loss is nan at epoch 1, step 13; .* last good checkpoint: {good}"):
         trainer.train()
-    assert checkpoint_paths(tmp_path) == before and good.read_bytes() == good_bytes
+    assert list(before) == checkpoint_paths(tmp_path) and list(before)[-1] == good
+    assert all(path.read_bytes() == data for path, data in before.items())
 
 
-def test_export_is_read_by_the_loader_with_cost(tmp_path):
-    assert main(["--method", "mixedae", *TINY_RUN, "--epochs", "1", "--batch-size", "8", "--out", str(tmp_path)]) == 0
+@pytest.mark.slow
+def test_export_is_read_by_the_loader_with_cost(tmp_path, tiny_run):
+    assert main(["--method", "mixedae", *tiny_run, "--epochs", "1", "--batch-size", "8", "--out", str(tmp_path)]) == 0
     model, report = backbone_from_checkpoint(tmp_path / "encoder.safetensors")
     assert report.metadata.method == "mixedae" and report.metadata.arch == "vit_tiny_patch4_32"
-    assert report.metadata.epochs == 1 and report.metadata.data.startswith("embedded")
+    assert report.metadata.epochs == 1 and report.metadata.data == "embedded:scikit-image photos (80 crops/epoch)"
     cost = report.metadata.extra["cost"]
     assert cost["wall_hours"] > 0 and cost["images_per_s"] > 0 and cost["device"] == "cpu"
+    assert cost["unreadable_images"] == 0 and json.loads((tmp_path / "cost.json").read_text()) == cost
     assert report.encoder_fraction == 1.0
-    assert all(block.attn.topk is None for block in model.blocks)
+    # a plain timm ViT: no homologous TopK left in the export
+    assert all(isinstance(block.attn, Attention) and getattr(block.attn, "topk", None) is None
+               for block in model.blocks)
     assert (tmp_path / "figures" / "epoch_0000.png").stat().st_size > 1000
     assert any((tmp_path / "tensorboard").iterdir())
 
 
-def test_neither_data_source_names_both(capsys):
-    with pytest.raises(SystemExit) as info:
-        parse_args(["--method", "mae"])
-    assert "--data-root" in str(info.value) and "--embedded" in str(info.value)
+def test_neither_data_source_names_both(tmp_path, capsys):
+    assert main(["--method", "mae", "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "--data-root" in err and "--embedded" in err and "\n" not in err
+    assert not (tmp_path / "o").exists()  # stopped before the run directory was made
 
 
 def test_missing_data_root_is_one_clear_line(tmp_path, capsys):
@@ -111,9 +126,10 @@ def test_missing_data_root_is_one_clear_line(tmp_path, capsys):
     assert err.startswith("error: ") and str(tmp_path / "imagenet") in err and "\n" not in err
 
 
-def test_two_gloo_processes_equal_one_process_with_accumulation(tmp_path, free_port):
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one_process_with_accumulation(tmp_path, free_port, tiny_run):
     """torchrun with 2 processes x batch b gives the update of 1 process x batch b x 2 accumulation steps."""
-    common = ["--method", "mae", *TINY_RUN, "--epochs", "1", "--samples-per-epoch", "16", "--batch-size", "4"]
+    common = ["--method", "mae", *tiny_run, "--epochs", "1", "--samples-per-epoch", "16", "--batch-size", "4"]
     subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port),
          str(ROOT / "pretrain" / "run.py"), *common, "--out", str(tmp_path / "ddp")],
@@ -122,7 +138,7 @@ def test_two_gloo_processes_equal_one_process_with_accumulation(tmp_path, free_p
     ddp, _ = read_checkpoint(checkpoint_paths(tmp_path / "ddp")[-1])
     single, _ = read_checkpoint(checkpoint_paths(tmp_path / "single")[-1])
     assert ddp["step"] == single["step"] == 2
-    assert json.loads(ddp["config"])["batch_size"] == 4
+    assert json.loads(ddp["config"])["recipe"]["batch_size"] == 4
     initial = Trainer(parse_args([*common, "--out", str(tmp_path / "unused")])).model.state_dict()
     key = "encoder.blocks.0.attn.qkv.weight"
     assert not torch.allclose(single["model"][key], initial[key])  # the two steps really moved the weights
@@ -130,13 +146,16 @@ def test_two_gloo_processes_equal_one_process_with_accumulation(tmp_path, free_p
         torch.testing.assert_close(ddp["model"][key], value, rtol=1e-4, atol=1e-6, msg=key)
 
 
-def test_flags_follow_the_config_dataclasses():
+def test_flags_follow_the_config_dataclasses(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # --embedded writes the photo set under ./runs/datasets
     config = parse_args(["--method", "mixedae", "--embedded", "--no-compile", "--mixing-ratio", "0.5",
                          "--homologous-blocks", "10", "11", "--no-segment-embedding", "--epochs", "4"])
-    assert config.compile is False and config.epochs == 4 and config.arch == "vit_tiny_patch4_32"
-    assert config.method_options["mixing_ratio"] == 0.5
-    assert config.method_options["homologous_blocks"] == (10, 11)
-    assert config.method_options["segment_embedding"] is False
-    assert config.method_options["decoder_dim"] == 128  # the small decoder of the tiny embedded arch
-    assert parse_args(["--method", "mae", "--data-root", "/data", "--compile"]).compile is True
-    assert parse_args(["--method", "mae", "--data-root", "/data"]).compile is None  # None: on CUDA only
+    recipe = config.recipe
+    assert recipe.compile is False and recipe.epochs == 4 and recipe.arch == "vit_tiny_patch4_32"
+    assert config.run.method == "mixedae" and config.preset == "embedded_cpu"
+    assert recipe.method_options["mixing_ratio"] == 0.5
+    assert recipe.method_options["homologous_blocks"] == (10, 11)
+    assert recipe.method_options["segment_embedding"] is False
+    assert recipe.method_options["decoder_dim"] == 128  # the embedded preset's small decoder
+    assert parse_args(["--method", "mae", "--data-root", "/data", "--compile"]).recipe.compile is True
+    assert parse_args(["--method", "mae", "--data-root", "/data"]).recipe.compile is None  # None: on CUDA only

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from mimbench.pretrain.data import EmbeddedPhotos
-from mimbench.pretrain.engine import PretrainConfig, build_method
+from mimbench.core.config import RunSpec
+from mimbench.pretrain.data import EmbeddedPhotos, write_embedded_photos
+from mimbench.pretrain.engine import BASE, PretrainConfig, build_method
 from mimbench.pretrain.mae import MAEConfig, MaskedAutoencoder, gather_tokens, patchify, random_masking, unpatchify
 from mimbench.pretrain.rcmae import RCMAEConfig, ReconstructionConsistentMAE, teacher_momentum
 
 SMALL = dict(arch="vit_tiny_patch4_32", decoder_dim=64, decoder_depth=1, decoder_heads=4)
+
+
+def small_method(method: str) -> torch.nn.Module:
+    """The engine's factory, as a run builds the method: tiny ViT, a 1 x 64 decoder."""
+    options = dict(decoder_dim=64, decoder_depth=1, decoder_heads=4)
+    return build_method(PretrainConfig(run=RunSpec(method=method, arch="vit_tiny_patch4_32"),
+                                       recipe=dataclasses.replace(BASE, method_options=options)))
 
 
 def test_random_masking_keeps_exactly_the_configured_share():
@@ -111,13 +120,19 @@ def test_rcmae_exports_the_teacher():
     assert model.export_encoder() is model.teacher.encoder
 
 
+@pytest.fixture(scope="module")
+def photos_root(tmp_path_factory):
+    """The embedded photo set as --embedded writes it."""
+    return write_embedded_photos(tmp_path_factory.mktemp("datasets") / "photos-embedded")
+
+
+@pytest.mark.slow  # trains: 50 steps per method
 @pytest.mark.parametrize("method", ["mae", "rcmae", "mixedae"])
-def test_loss_decreases_on_the_embedded_photos(method):
+def test_loss_decreases_on_the_embedded_photos(method, photos_root):
     torch.manual_seed(0)
-    options = dict(decoder_dim=64, decoder_depth=1, decoder_heads=4)
-    model = build_method(PretrainConfig(method=method, arch="vit_tiny_patch4_32", method_options=options))
-    photos = EmbeddedPhotos(img_size=32, samples_per_epoch=16, seed=0)
-    images = torch.stack([photos[i] for i in range(16)])
+    model = small_method(method)
+    photos = EmbeddedPhotos(photos_root, img_size=32, samples_per_epoch=16, seed=0)
+    images = torch.stack([photos[i][0] for i in range(16)])  # (image, index if its file was unreadable)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3,
                                   betas=(0.9, 0.95))
     losses = []
@@ -136,8 +151,7 @@ def test_loss_decreases_on_the_embedded_photos(method):
 @pytest.mark.parametrize("method", ["mae", "rcmae", "mixedae"])
 def test_every_trainable_parameter_gets_a_gradient(method):
     """DDP (without find_unused_parameters) needs every trainable parameter in the graph of each step."""
-    model = build_method(PretrainConfig(method=method, arch="vit_tiny_patch4_32", method_options=dict(
-        decoder_dim=64, decoder_depth=1, decoder_heads=4)))
+    model = small_method(method)
     loss, _ = model(torch.randn(4, 3, 32, 32))
     loss.backward()
     missing = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
