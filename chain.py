@@ -123,7 +123,8 @@ def plan(size: ChainSize, out: Path, data_root: Path | None = None,
                   out / "backbones")]
     for method in methods:
         steps.append(Step(f"pretrain {method}", python_script(
-            "pretrain/run.py", "--method", method, "--embedded", "--epochs", str(size.pretrain_epochs),
+            "pretrain/run.py", "--method", method, "--embedded", "--data-root",
+            str(out / "datasets" / "photos-embedded"), "--epochs", str(size.pretrain_epochs),
             "--warmup-epochs", str(size.pretrain_warmup_epochs), "--samples-per-epoch", str(size.samples_per_epoch),
             "--seed", seed, *computed, "--out", str(out / method)), out / method))
     for method in methods:
@@ -148,7 +149,7 @@ def plan(size: ChainSize, out: Path, data_root: Path | None = None,
                   size.ade_images, ["--max-iters", str(size.ade_iters)])]
         for task, embedded_root, real_root, subset, iterations in dense:
             if data_root is None:
-                data = ["--embedded", "--embedded-root", str(embedded_root)]
+                data = ["--embedded", "--data-root", str(embedded_root)]  # written there by the first run
             elif real_root.is_dir():  # the CPU preset on a fixed slice: a check of the pipeline, not a result
                 data = ["--data-root", str(real_root), "--preset", "embedded_cpu", "--subset", str(subset)]
             else:

@@ -7,9 +7,10 @@ base, change what differs"). On the command line (:func:`parse_config`) every le
 
     the dataclass defaults  <  --config FILE.yaml  <  --preset NAME (else the file's, else the default)  <  flags
 
-``--embedded`` is the one shortcut to the generated data: write the task's embedded set if it is absent, then run
-on its root with its preset. The resolved configuration goes to the run directory as ``config.yaml``; passing
-that file back with ``--config`` replays the run.
+``--embedded`` is the one shortcut to the generated data: write the task's embedded set if it is absent (at its
+default root, or at ``--data-root`` when one is given), then run on that root with the set's preset. The resolved
+configuration goes to the run directory as ``config.yaml``; passing that file back with ``--config`` replays the
+run.
 """
 
 from __future__ import annotations
@@ -104,7 +105,9 @@ def from_dict(config_class: type, data: Mapping[str, Any], where: str = "config"
     values = {}
     for name, value in data.items():
         kind = _leaf_type(hints[name])
-        if dataclasses.is_dataclass(kind) and isinstance(value, Mapping):
+        if dataclasses.is_dataclass(kind) and value is not None:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{where}: {name} is a {type(value).__name__}, not a mapping of its fields")
             value = from_dict(kind, value, f"{where}.{name}")
         elif typing.get_origin(kind) is tuple and isinstance(value, list):
             value = tuple(value)
@@ -148,8 +151,8 @@ def config_parser(config_class: type, prog: str, description: str | None,
         parser.add_argument("--preset", choices=list(presets), help="the recipe (default: the task's own)")
     if embedded is not None:
         parser.add_argument("--embedded", action="store_true",
-                            help=f"the generated data set: written to {embedded.root} if absent, run with the "
-                                 f"{embedded.preset!r} preset")
+                            help=f"the generated data set: written to --data-root (default {embedded.root}) if "
+                                 f"absent, run with the {embedded.preset!r} preset")
     add_dataclass_flags(parser, config_class, skip={"preset", *skip})
     return parser
 
@@ -163,10 +166,8 @@ def parse_config(config_class: type, argv: list[str] | None, *, prog: str, descr
     config_file, preset, use_embedded = args.pop("config", None), args.pop("preset", None), args.pop("embedded", False)
     config = from_dict(config_class, _read(config_file), config_file) if config_file else config_class()
     if use_embedded:
-        if args.get("data_root"):
-            raise ConfigError("pass either --data-root or --embedded, not both")
-        embedded.make(Path(embedded.root))
-        args["data_root"] = embedded.root
+        args["data_root"] = args.get("data_root") or embedded.root
+        embedded.make(Path(args["data_root"]))
         preset = preset or embedded.preset
     if presets:
         preset = preset or (None if config_file else default_preset)

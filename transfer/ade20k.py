@@ -1,26 +1,37 @@
-"""ADE20K semantic segmentation transfer: UperNet on our ViT backbones through mmsegmentation.
+"""ADE20K semantic segmentation transfer: UperNet on our backbones through mmsegmentation.
 
     python transfer/run.py ade20k --ckpt x.pth --data-root /datasets/ADEChallengeData2016
     torchrun --nproc_per_node 8 transfer/run.py ade20k --ckpt x.pth --data-root /datasets/ADEChallengeData2016
     python transfer/run.py ade20k --ckpt x.pth --embedded          # generated ADE-format scenes, CPU, minutes
+    python transfer/run.py ade20k --config runs/transfer/ade20k/.../config.yaml --out runs/again   # a replay
 
-The protocol is MAE/BEiT's (mmseg's ``mae-base_upernet_8xb2-amp-160k_ade20k-512x512``): the ViT's blocks 4, 6, 8
-and 12 (ViT-B) feed Feature2Pyramid (rescales 4, 2, 1, 0.5), a UPerHead decodes, an FCNHead on the third level
+The protocol is MAE/BEiT's (mmseg's ``mae-base_upernet_8xb2-amp-160k_ade20k-512x512``): a ViT's blocks 4, 6, 8
+and 12 (ViT-B) feed Feature2Pyramid (rescales 4, 2, 1, 0.5); a hierarchical backbone (ResNet, MPViT, ...) feeds
+its four stages directly, as mmseg's ResNet UperNet configs do. A UPerHead decodes, an FCNHead on the third level
 adds an auxiliary loss (weight 0.4); AdamW with layer-wise lr decay, linear warmup then poly decay, slide
-inference, mIoU / mAcc / aAcc by mmseg's IoUMetric. The checkpoint goes through our loader
-(``backbones/checkpoint.py``), which fails unless every encoder weight loads; training, checkpoints, resume and
-evaluation are mmengine's Runner. One record per run goes to the results store.
+inference, mIoU / mAcc / aAcc by mmseg's IoUMetric. Everything the adapter asks of the backbone goes through
+its contract (``backbones/contract.py``); the checkpoint goes through our loader (``backbones/checkpoint.py``),
+which fails unless every encoder weight loads. Training, checkpoints, resume and evaluation are mmengine's
+Runner. One record per run goes to the results store.
+
+The configuration is :class:`Ade20kConfig` (the shared run fields, a recipe from :data:`PRESETS`, the task's
+options); every field is a flag, ``--config FILE.yaml`` reads one, and the resolved configuration is written to
+the run directory as ``config.yaml``. The run-directory rule is ``mimbench.core.rundir``'s: a folder holding a
+run (mmengine checkpoints) is continued only with ``--resume``, after its ``config.yaml`` is compared with the new
+one; :data:`HARMLESS` lists the fields that may differ. ``--eval-only`` scores the run in the folder (or
+``--weights``) and continues nothing, so it needs no ``--resume``; its settings are compared with the run's as a
+resume's are (the trained weights must fit the model), and ``config.yaml`` then describes that evaluation. As
+mmengine loads a segmentor checkpoint non-strictly, one whose tensors are not the model's is refused first.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +56,17 @@ from mmseg.datasets import BaseSegDataset  # noqa: E402
 from mmseg.evaluation import IoUMetric  # noqa: E402
 from mmseg.registry import DATASETS, MODELS, OPTIM_WRAPPER_CONSTRUCTORS, OPTIM_WRAPPERS, OPTIMIZERS  # noqa: E402
 
-from mimbench.backbones.checkpoint import CheckpointError, infer_arch, load_backbone  # noqa: E402
+from mimbench.backbones.checkpoint import backbone_from_checkpoint, infer_arch, read_checkpoint  # noqa: E402
+from mimbench.backbones.contract import BackboneContract, backbone_contract  # noqa: E402
 from mimbench.backbones.layer_decay import layer_decay_param_groups  # noqa: E402
-from mimbench.backbones.vit import create_backbone, default_feature_blocks, dense_features  # noqa: E402
-from mimbench.core.config import add_dataclass_flags, exit_status  # noqa: E402
-from mimbench.core.errors import UserError  # noqa: E402
-from mimbench.core.io import file_sha256, run_environment  # noqa: E402
-from mimbench.core.runtime import peak_memory_gb  # noqa: E402
-from mimbench.results import Result, append_result, checkpoint_fields  # noqa: E402
+from mimbench.backbones.vit import create_backbone  # noqa: E402
+from mimbench.core.config import Embedded, RunSpec, exit_status, parse_config, to_dict  # noqa: E402
+from mimbench.core.errors import ConfigError, DatasetError  # noqa: E402
+from mimbench.core.io import file_sha256  # noqa: E402
+from mimbench.core.record import build_result  # noqa: E402
+from mimbench.core.rundir import start_run  # noqa: E402
+from mimbench.core.runtime import autocast_dtype, resolve_device  # noqa: E402
+from mimbench.results import Result, append_result  # noqa: E402
 from mimbench.transfer.scenes import CATEGORIES, make_scene  # noqa: E402
 
 ADE20K_NUM_CLASSES = 150
@@ -62,55 +76,102 @@ ADE20K_FOLDERS = ("images/training", "images/validation", "annotations/training"
 # objects are their category. Annotation PNGs follow ADE20K: 0 unlabelled (unused here), k = class k - 1.
 EMBEDDED_CLASSES = ("background", *CATEGORIES)
 EMBEDDED_PALETTE = [[120, 120, 120], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200]]
+EMBEDDED_FORMAT = "ade20k-embedded/1"  # the manifest's tag: what tells the generated set from ADE20K
 IMAGENET_MEAN_255 = [123.675, 116.28, 103.53]
 IMAGENET_STD_255 = [58.395, 57.12, 57.375]
 IGNORE_INDEX = 255
 
 
-class SegmentationError(UserError, ValueError):
-    """A problem the user can fix (data layout, labels, missing trained weights): one line, no traceback."""
-
-
-# ----------------------------------------------------------------------------------------------- presets
+# ----------------------------------------------------------------------------------------------- config
 
 
 @dataclass(frozen=True)
 class SegmentationPreset:
-    crop_size: int = 512
-    resize_scale: tuple[int, ...] = (2048, 512)  # (long, short) side bound, kept ratio (ADE20K's 2048×512)
-    ratio_range: tuple[float, ...] = (0.5, 2.0)  # random rescale of resize_scale in training
-    photometric: bool = True  # mmseg's PhotoMetricDistortion
-    max_iters: int = 160_000
-    batch_size: int = 16  # in total, split over the GPUs
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    layer_decay: float = 0.65
-    drop_path_rate: float = 0.1
-    warmup_iters: int = 1500  # linear from 1e-6 × lr, then poly (power 1) to 0
-    head_channels: int = 768  # UPerHead width (MAE/BEiT ViT-B)
-    aux_channels: int = 256  # FCNHead width
-    amp: str = "bf16"  # "bf16", "fp16" or "none"; bf16 falls back to fp16 on GPUs without it
-    test_mode: str = "slide"  # "slide" (crop_size windows, slide_stride apart) or "whole"
-    slide_stride: int = 341
-    val_interval: int = 16_000
-    checkpoint_interval: int = 16_000
-    log_interval: int = 50
-    num_workers: int = 4
-    seed: int = 0
+    """A training recipe (see :data:`PRESETS` for the numbers and their sources)."""
 
+    crop_size: int  # training crops, the backbone's img_size and the slide window
+    resize_scale: tuple[int, ...]  # (long, short) side bound, kept ratio
+    ratio_range: tuple[float, ...]  # random rescale of resize_scale in training
+    photometric: bool  # mmseg's PhotoMetricDistortion
+    max_iters: int
+    batch_size: int  # in total, split over the GPUs
+    lr: float
+    weight_decay: float
+    layer_decay: float
+    drop_path_rate: float
+    warmup_iters: int  # linear from 1e-6 × lr, then poly (power 1) to 0
+    head_channels: int  # UPerHead width
+    aux_channels: int  # FCNHead width
+    # Mixed precision on a GPU without bf16 (V100, T4): fp16 with a dynamic loss scale, else fp32 there.
+    fp16_without_bf16: bool
+    test_mode: str  # "slide" (crop_size windows, slide_stride apart) or "whole"
+    slide_stride: int
+    val_interval: int
+    checkpoint_interval: int
+    log_interval: int
+    num_workers: int
+
+
+# The paper protocol (MAE / BEiT / MixedAE ADE20K), as mmseg's configs/mae/mae-base_upernet_8xb2-amp-160k_ade20k-
+# 512x512.py with _base_/datasets/ade20k.py and _base_/schedules/schedule_160k.py.
+UPERNET_VITB_160K = SegmentationPreset(
+    crop_size=512,  # crop_size = (512, 512)
+    resize_scale=(2048, 512),  # ade20k.py: RandomResize scale=(2048, 512), keep_ratio
+    ratio_range=(0.5, 2.0),  # ade20k.py: ratio_range=(0.5, 2.0)
+    photometric=True,  # ade20k.py: PhotoMetricDistortion
+    max_iters=160_000,  # schedule_160k.py
+    batch_size=16,  # 8 GPUs × 2 images ("8xb2")
+    lr=1e-4,  # AdamW lr=1e-4, betas (0.9, 0.999)
+    weight_decay=0.05,
+    layer_decay=0.65,  # layer_decay_rate=0.65
+    drop_path_rate=0.1,
+    warmup_iters=1500,  # LinearLR start_factor=1e-6, end=1500; PolyLR power=1.0 to 160000
+    head_channels=768,  # decode_head channels=768
+    aux_channels=256,  # upernet_mae.py: auxiliary_head channels=256
+    fp16_without_bf16=True,  # the config's "amp": fp16 with loss_scale='dynamic'
+    test_mode="slide",  # test_cfg mode='slide', crop_size (512, 512), stride (341, 341)
+    slide_stride=341,
+    val_interval=16_000,  # schedule_160k.py: val_interval=16000, CheckpointHook interval=16000
+    checkpoint_interval=16_000,
+    log_interval=50,  # schedule_160k.py: LoggerHook interval=50
+    num_workers=4,  # ade20k.py: num_workers=4
+)
 
 PRESETS: dict[str, SegmentationPreset] = {
-    # The paper protocol (MAE / BEiT / MixedAE ADE20K): 512² crops, 160k iterations of batch 16, AdamW 1e-4,
-    # layer decay 0.65, drop path 0.1, AMP, slide inference.
-    "upernet_vitb_160k": SegmentationPreset(),
-    # The embedded scenes on a CPU: 64² images (16×16 tokens for the demo's patch-4 ViTs, as the COCO preset),
-    # whole-image inference, a narrow head, fp32 (see README).
-    "embedded_cpu": SegmentationPreset(
-        crop_size=64, resize_scale=(256, 64), ratio_range=(0.75, 1.5), photometric=False, max_iters=100,
-        batch_size=4, lr=4e-4, layer_decay=0.75, drop_path_rate=0.0, warmup_iters=10, head_channels=64,
-        aux_channels=32, amp="none", test_mode="whole", val_interval=10**9, checkpoint_interval=50,
+    "upernet_vitb_160k": UPERNET_VITB_160K,
+    # The embedded scenes on a CPU (see README): 64² images (16×16 tokens for the demo's patch-4 ViTs, as the
+    # COCO preset), whole-image inference, a narrow head, 100 iterations of 4 images, no validation during
+    # training, no worker processes.
+    "embedded_cpu": dataclasses.replace(
+        UPERNET_VITB_160K, crop_size=64, resize_scale=(256, 64), ratio_range=(0.75, 1.5), photometric=False,
+        max_iters=100, batch_size=4, lr=4e-4, layer_decay=0.75, drop_path_rate=0.0, warmup_iters=10,
+        head_channels=64, aux_channels=32, test_mode="whole", val_interval=10**9, checkpoint_interval=50,
         log_interval=10, num_workers=0),
 }
+
+
+@dataclass
+class Ade20kConfig:
+    """One ADE20K run: the shared run fields, the recipe and this task's options."""
+
+    run: RunSpec = field(default_factory=RunSpec)
+    preset: str = "upernet_vitb_160k"
+    recipe: SegmentationPreset = UPERNET_VITB_160K
+    eval_only: bool = False  # score a trained segmentor (--weights, or the run directory's last checkpoint)
+    weights: str | None = None  # --eval-only: an mmengine checkpoint of the whole segmentor
+    overlays: int = 4  # predicted-mask overlays saved (PNG)
+    # The first N images (sorted file names) of training and of validation, for a quick check on the real data;
+    # the record is tagged subset=first<N>.
+    subset: int | None = None
+
+
+# Fields that may differ when a run is continued or scored: a longer schedule extends a run (as mmengine's resume
+# does); the rest is logging, workers, where records go, what this invocation does and where the folder now is.
+HARMLESS = ("max_iters", "val_interval", "checkpoint_interval", "log_interval", "num_workers", "overlays", "results",
+            "resume", "eval_only", "weights", "out")
+
+
+# ----------------------------------------------------------------------------------------------- data
 
 
 @dataclass(frozen=True)
@@ -124,11 +185,8 @@ class EmbeddedSet:
     max_objects: int = 4
 
 
-# ----------------------------------------------------------------------------------------------- data
-
-
 def embedded_manifest(spec: EmbeddedSet) -> dict[str, Any]:
-    return {"format": "ade20k-embedded/1", **asdict(spec), "classes": list(EMBEDDED_CLASSES)}
+    return {"format": EMBEDDED_FORMAT, **asdict(spec), "classes": list(EMBEDDED_CLASSES)}
 
 
 def wait_for_embedded_ade20k(root: Path, spec: EmbeddedSet, timeout_s: float = 600.0) -> None:
@@ -137,8 +195,8 @@ def wait_for_embedded_ade20k(root: Path, spec: EmbeddedSet, timeout_s: float = 6
     manifest = root / "manifest.json"
     while not (manifest.exists() and json.loads(manifest.read_text()) == embedded_manifest(spec)):
         if time.monotonic() > deadline:
-            raise SegmentationError(f"rank {get_rank_from_env()}: the embedded set in {root} did not appear "
-                                    f"within {timeout_s:.0f} s")
+            raise DatasetError(f"rank {launch_rank()}: the embedded set in {root} did not appear within "
+                               f"{timeout_s:.0f} s")
         time.sleep(1.0)
 
 
@@ -174,24 +232,60 @@ def make_embedded_ade20k(root: str | os.PathLike, spec: EmbeddedSet = EmbeddedSe
     return root
 
 
+def prepare_embedded_ade20k(root: Path) -> Path:
+    """``--embedded``: rank 0 writes the set where it is absent, the other ranks wait for its manifest."""
+    if launch_rank() == 0:
+        return make_embedded_ade20k(root)
+    wait_for_embedded_ade20k(root, EmbeddedSet())
+    return root
+
+
+EMBEDDED = Embedded(root="runs/datasets/ade20k-embedded", preset="embedded_cpu", make=prepare_embedded_ade20k)
+
+
 def check_layout(root: str | os.PathLike) -> None:
-    """Raise SegmentationError unless ``root`` holds the ADEChallengeData2016 folders, each image annotated."""
+    """Raise DatasetError unless ``root`` holds the ADEChallengeData2016 folders, each image annotated."""
     root = Path(root)
     missing = [folder for folder in ADE20K_FOLDERS if not (root / folder).is_dir()]
     if missing:
-        raise SegmentationError(
+        raise DatasetError(
             f"{root} is not an ADE20K root: expected {', '.join(ADE20K_FOLDERS)} (the ADEChallengeData2016 layout; "
             f"missing {', '.join(missing)}); or use --embedded for the generated set")
     for split in ("training", "validation"):
         images = {p.stem for p in (root / "images" / split).glob("*.jpg")}
         labels = {p.stem for p in (root / "annotations" / split).glob("*.png")}
         if not images:
-            raise SegmentationError(f"{root / 'images' / split} holds no .jpg images")
+            raise DatasetError(f"{root / 'images' / split} holds no .jpg images")
         unlabelled = sorted(images - labels)
         if unlabelled:
-            raise SegmentationError(
+            raise DatasetError(
                 f"{len(unlabelled)} images in {root / 'images' / split} have no annotation PNG in "
                 f"{root / 'annotations' / split} (e.g. {', '.join(unlabelled[:3])})")
+
+
+@dataclass(frozen=True)
+class SegmentationData:
+    """What a data root is, read from the data: ADE20K, or the generated scenes where its manifest says so."""
+
+    root: Path
+    name: str  # the record's dataset
+    dataset_type: str  # the mmseg dataset class that reads it
+    num_classes: int
+    manifest: dict[str, Any] | None  # the generated set's manifest
+
+
+def describe_data(root: str | os.PathLike) -> SegmentationData:
+    """Check ``root``'s layout and tell ADE20K from the generated scenes by the manifest the generator writes."""
+    root = Path(root)
+    check_layout(root)
+    path = root / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text()) if path.is_file() else None
+    except ValueError as error:
+        raise DatasetError(f"{path}: not readable JSON ({error})") from None
+    if isinstance(manifest, dict) and manifest.get("format") == EMBEDDED_FORMAT:
+        return SegmentationData(root, "ade20k-embedded", "EmbeddedScenesDataset", len(manifest["classes"]), manifest)
+    return SegmentationData(root, "ade20k", "ADE20KDataset", ADE20K_NUM_CLASSES, None)
 
 
 def check_annotation_labels(root: str | os.PathLike, num_classes: int, cache: Path | None = None,
@@ -225,8 +319,8 @@ def check_annotation_labels(root: str | os.PathLike, num_classes: int, cache: Pa
             bad.append(f"{path.relative_to(root)} (labels {', '.join(map(str, outside[:5]))})")
     if bad:
         listed = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
-        raise SegmentationError(f"{len(bad)} annotation files in {root} have labels outside 0..{num_classes} "
-                                f"(0 unlabelled, 1..{num_classes} classes): {listed}")
+        raise DatasetError(f"{len(bad)} annotation files in {root} have labels outside 0..{num_classes} "
+                           f"(0 unlabelled, 1..{num_classes} classes): {listed}")
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(key))
@@ -248,26 +342,35 @@ class EmbeddedScenesDataset(BaseSegDataset):
 # ----------------------------------------------------------------------------------------------- model
 
 
-@MODELS.register_module(force=True)
-class MimbenchViT(BaseModule):
-    """Our timm ViT as an mmseg backbone: the patch-token maps after ``out_indices`` (default: blocks 4, 6, 8,
-    12 of a 12-block ViT), loaded from ``checkpoint`` by our loader, which raises CheckpointError unless every
-    encoder weight loads."""
+def architecture_contract(arch: str) -> BackboneContract:
+    """The contract of ``arch`` before any weights exist: built on the meta device (no memory, no RNG draws), so
+    the segmentor's config can take its levels from ``feature_info``."""
+    with torch.device("meta"):
+        return backbone_contract(create_backbone(arch))
 
-    def __init__(self, checkpoint: str, arch: str | None = None, which: str = "teacher", img_size: int = 512,
-                 drop_path_rate: float = 0.0, out_indices: Sequence[int] | None = None) -> None:
+
+@MODELS.register_module(force=True)
+class MimbenchBackbone(BaseModule):
+    """Any of our backbones as an mmseg backbone, through its contract: the maps of its levels (a ViT: the patch
+    tokens after blocks 4, 6, 8, 12 of 12; a hierarchical backbone: its four stages), loaded from ``checkpoint``
+    by our loader, which raises CheckpointError unless every encoder weight loads."""
+
+    def __init__(self, checkpoint: str, arch: str, which: str = "teacher", img_size: int = 512,
+                 drop_path_rate: float = 0.0) -> None:
         super().__init__()
-        arch = arch or infer_arch(checkpoint, which)
-        # dynamic size and padding: slide windows at image borders and whole-image inference differ from img_size
-        self.vit = create_backbone(arch, img_size=img_size, drop_path_rate=drop_path_rate,
-                                   dynamic_img_size=True, dynamic_img_pad=True)
-        self.load_report = load_backbone(self.vit, checkpoint, which=which, strict=True)
+        options: dict[str, Any] = dict(drop_path_rate=drop_path_rate)
+        if architecture_contract(arch).kind == "plain":
+            # dynamic size and padding: slide windows at image borders and whole-image inference differ from
+            # img_size
+            options.update(img_size=img_size, dynamic_img_size=True, dynamic_img_pad=True)
+        self.net, self.load_report = backbone_from_checkpoint(checkpoint, arch=arch, which=which, strict=True,
+                                                              **options)
         if get_rank() == 0:
             print(self.load_report.summary(), flush=True)
-        self.out_indices = tuple(out_indices) if out_indices is not None else default_feature_blocks(
-            len(self.vit.blocks))
-        # The final norm and blocks past the last output never get a gradient (DDP rejects unused parameters).
-        self.vit.prune_intermediate_layers(list(self.out_indices), prune_norm=True, prune_head=True)
+        self.contract = backbone_contract(self.net)
+        if self.contract.kind == "plain":
+            # The final norm and blocks past the last output never get a gradient (DDP rejects unused parameters).
+            self.net.prune_intermediate_layers(list(self.contract.blocks), prune_norm=True, prune_head=True)
 
     def init_weights(self) -> None:
         """Nothing to do: the weights came from the checkpoint (and timm's own init_weights would redraw them
@@ -275,13 +378,14 @@ class MimbenchViT(BaseModule):
         self._is_init = True
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(dense_features(self.vit, images, self.out_indices))
+        return tuple(self.contract.features(images))
 
 
 @OPTIM_WRAPPER_CONSTRUCTORS.register_module(force=True)
-class ViTLayerDecayConstructor:
-    """AdamW groups from ``mimbench.backbones.layer_decay``: block i at lr × decay^(depth − i), embeddings at
-    lr × decay^(depth + 1), neck and heads at lr; no weight decay on norms, biases, tokens, position embeddings.
+class LayerDecayConstructor:
+    """AdamW groups from ``mimbench.backbones.layer_decay`` over the backbone's contract: layer i at
+    lr × decay^(num_layers + 1 − i) (a ViT: block i at lr × decay^(depth − i), embeddings at lr × decay^(depth + 1)),
+    neck and heads at lr; no weight decay where the contract says (norms, biases, tokens, position embeddings).
     (mmseg's LayerDecayOptimizerConstructor expects its own ViT's parameter names.)"""
 
     def __init__(self, optim_wrapper_cfg: dict, paramwise_cfg: dict | None = None) -> None:
@@ -292,40 +396,46 @@ class ViTLayerDecayConstructor:
         segmentor = model.module if is_model_wrapper(model) else model
         wrapper_cfg = dict(self.optim_wrapper_cfg)
         optimizer_cfg = dict(wrapper_cfg.pop("optimizer"))
-        depth = len(segmentor.backbone.vit.blocks)
-        groups = layer_decay_param_groups(segmentor, depth, optimizer_cfg.get("weight_decay", 0.0), self.layer_decay)
+        groups = layer_decay_param_groups(segmentor, segmentor.backbone.contract,
+                                          optimizer_cfg.get("weight_decay", 0.0), self.layer_decay)
         for group in groups:
             group["lr"] = optimizer_cfg["lr"] * group["lr_scale"]
         optimizer = OPTIMIZERS.build({**optimizer_cfg, "params": groups})
         return OPTIM_WRAPPERS.build(wrapper_cfg, default_args=dict(optimizer=optimizer))
 
 
-def segmentor_config(checkpoint: str, arch: str, num_classes: int, preset: SegmentationPreset,
-                     which: str = "teacher", embed_dim: int | None = None, sync_bn: bool = False) -> dict:
-    """mmseg's EncoderDecoder as data: our ViT, Feature2Pyramid, UPerHead and an auxiliary FCNHead."""
-    from mimbench.backbones.vit import ARCHS
-
-    embed_dim = embed_dim or ARCHS[arch]["embed_dim"]
+def segmentor_config(checkpoint: str, arch: str, num_classes: int, recipe: SegmentationPreset,
+                     which: str = "teacher", sync_bn: bool = False) -> dict:
+    """mmseg's EncoderDecoder as data: our backbone, Feature2Pyramid for a plain one, UPerHead and an auxiliary
+    FCNHead on the third level."""
+    contract = architecture_contract(arch)
+    levels = contract.feature_info
     norm_cfg = dict(type="SyncBN" if sync_bn else "BN", requires_grad=True)
-    crop = (preset.crop_size, preset.crop_size)
-    if preset.test_mode not in ("slide", "whole"):
-        raise SegmentationError(f"--test-mode {preset.test_mode!r}: choose slide or whole")
-    if preset.test_mode == "slide":
-        test_cfg = dict(mode="slide", crop_size=crop, stride=(preset.slide_stride, preset.slide_stride))
+    crop = (recipe.crop_size, recipe.crop_size)
+    if recipe.test_mode not in ("slide", "whole"):
+        raise ConfigError(f"--test-mode {recipe.test_mode!r}: choose slide or whole")
+    if recipe.test_mode == "slide":
+        test_cfg = dict(mode="slide", crop_size=crop, stride=(recipe.slide_stride, recipe.slide_stride))
     else:
         test_cfg = dict(mode="whole")
+    if contract.kind == "plain":  # one stride: a simple pyramid makes strides 4 to 32 of it
+        neck = dict(type="Feature2Pyramid", embed_dim=levels[0].channels, rescales=[4, 2, 1, 0.5],
+                    norm_cfg=norm_cfg)
+    else:  # four stages at strides 4 to 32 feed the heads directly (mmseg's upernet_r50.py)
+        neck = None
+    in_channels = [level.channels for level in levels]
     return dict(
         type="EncoderDecoder",
         data_preprocessor=dict(type="SegDataPreProcessor", mean=IMAGENET_MEAN_255, std=IMAGENET_STD_255,
                                bgr_to_rgb=True, pad_val=0, seg_pad_val=IGNORE_INDEX, size=crop),
-        backbone=dict(type="MimbenchViT", checkpoint=str(checkpoint), arch=arch, which=which,
-                      img_size=preset.crop_size, drop_path_rate=preset.drop_path_rate),
-        neck=dict(type="Feature2Pyramid", embed_dim=embed_dim, rescales=[4, 2, 1, 0.5], norm_cfg=norm_cfg),
-        decode_head=dict(type="UPerHead", in_channels=[embed_dim] * 4, in_index=[0, 1, 2, 3],
-                         pool_scales=(1, 2, 3, 6), channels=preset.head_channels, dropout_ratio=0.1,
+        backbone=dict(type="MimbenchBackbone", checkpoint=str(checkpoint), arch=arch, which=which,
+                      img_size=recipe.crop_size, drop_path_rate=recipe.drop_path_rate),
+        neck=neck,
+        decode_head=dict(type="UPerHead", in_channels=in_channels, in_index=[0, 1, 2, 3],
+                         pool_scales=(1, 2, 3, 6), channels=recipe.head_channels, dropout_ratio=0.1,
                          num_classes=num_classes, norm_cfg=norm_cfg, align_corners=False,
                          loss_decode=dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0)),
-        auxiliary_head=dict(type="FCNHead", in_channels=embed_dim, in_index=2, channels=preset.aux_channels,
+        auxiliary_head=dict(type="FCNHead", in_channels=in_channels[2], in_index=2, channels=recipe.aux_channels,
                             num_convs=1, concat_input=False, dropout_ratio=0.1, num_classes=num_classes,
                             norm_cfg=norm_cfg, align_corners=False,
                             loss_decode=dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=0.4)),
@@ -334,12 +444,12 @@ def segmentor_config(checkpoint: str, arch: str, num_classes: int, preset: Segme
     )
 
 
-def build_segmentor(checkpoint: str, num_classes: int, preset: SegmentationPreset, arch: str | None = None,
+def build_segmentor(checkpoint: str, num_classes: int, recipe: SegmentationPreset, arch: str | None = None,
                     which: str = "teacher") -> torch.nn.Module:
     """The EncoderDecoder for ``checkpoint`` outside a Runner (for inspection and tests)."""
     arch = arch or infer_arch(checkpoint, which)
     with DefaultScope.overwrite_default_scope("mmseg"):  # the config's types are mmseg's (as the Runner's scope)
-        return MODELS.build(segmentor_config(checkpoint, arch, num_classes, preset, which))
+        return MODELS.build(segmentor_config(checkpoint, arch, num_classes, recipe, which))
 
 
 # ----------------------------------------------------------------------------------------------- metrics
@@ -369,75 +479,61 @@ def score_predictions(predictions: Sequence[np.ndarray], labels: Sequence[np.nda
 # ----------------------------------------------------------------------------------------------- runner
 
 
-@dataclass
-class Ade20kOptions:
-    ckpt: str
-    data_root: str | None = None
-    embedded: bool = False
-    embedded_root: str = "runs/datasets/ade20k-embedded"
-    preset: str | None = None  # None: upernet_vitb_160k for --data-root, embedded_cpu for --embedded
-    out: str | None = None  # None: runs/transfer/ade20k/<preset>/<checkpoint>-<sha[:8]>
-    which: str = "teacher"
-    arch: str | None = None
-    method: str | None = None  # for foreign checkpoints without metadata (e.g. "mae")
-    eval_only: bool = False
-    weights: str | None = None  # --eval-only: a trained segmentor; None: the work dir's last checkpoint
-    resume: bool = False
-    results: str | None = None
-    overlays: int = 4
-    # The first N images (sorted file names) of training and of validation, for a quick check on the real data;
-    # the record is tagged subset=first<N>.
-    subset: int | None = None
-    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # preset fields from the command line
-    embedded_set: EmbeddedSet = EmbeddedSet()
+def training_precision(precision: str, device: torch.device,
+                       recipe: SegmentationPreset) -> tuple[dict, torch.dtype | None]:
+    """mmengine's optimizer wrapper for ``precision`` (core's choice) on ``device``, and the dtype it trains in.
+
+    mmengine autocasts on GPUs only (its AmpOptimWrapper refuses the CPU), so a CPU run is fp32, and an explicit
+    bf16 there is refused. A GPU without bf16 trains in fp16 with a dynamic loss scale where the recipe says so.
+    Evaluation is fp32 either way (mmengine's test loop).
+    """
+    dtype = autocast_dtype(device, precision)
+    if device.type != "cuda":
+        if precision == "bf16":
+            raise ConfigError("--precision bf16: mmengine autocasts on GPUs only; use fp32 or auto on the CPU")
+        return dict(type="OptimWrapper"), None
+    if dtype is None:
+        return dict(type="OptimWrapper"), None
+    if torch.cuda.is_bf16_supported():
+        return dict(type="AmpOptimWrapper", dtype="bfloat16"), torch.bfloat16
+    if recipe.fp16_without_bf16:
+        return dict(type="AmpOptimWrapper", dtype="float16", loss_scale="dynamic"), torch.float16
+    return dict(type="OptimWrapper"), None
 
 
-def amp_wrapper(amp: str, on_gpu: bool) -> dict:
-    if amp not in ("bf16", "fp16", "none"):
-        raise SegmentationError(f"--amp {amp!r}: choose bf16, fp16 or none")
-    if amp == "none":
-        return dict(type="OptimWrapper")
-    if not on_gpu:  # CPU autocast is bf16 only, and without AVX512-BF16/AMX it is far slower than fp32
-        return dict(type="OptimWrapper")
-    if amp == "bf16" and torch.cuda.is_bf16_supported():
-        return dict(type="AmpOptimWrapper", dtype="bfloat16")
-    return dict(type="AmpOptimWrapper", dtype="float16", loss_scale="dynamic")
-
-
-def runner_config(options: Ade20kOptions, preset: SegmentationPreset, data_root: Path, work_dir: Path,
-                  arch: str) -> dict:
+def runner_config(config: Ade20kConfig, data: SegmentationData, work_dir: Path, arch: str,
+                  optim_wrapper: dict) -> dict:
     """The whole mmengine Runner config as data."""
+    recipe = config.recipe
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     on_gpu = torch.cuda.is_available()
-    if preset.batch_size % world_size:
-        raise SegmentationError(f"batch size {preset.batch_size} does not split over {world_size} processes")
-    embedded = options.data_root is None
-    dataset = dict(type="EmbeddedScenesDataset" if embedded else "ADE20KDataset", data_root=str(data_root))
-    if options.subset is not None:
+    if recipe.batch_size % world_size:
+        raise ConfigError(f"batch size {recipe.batch_size} does not split over {world_size} processes")
+    dataset = dict(type=data.dataset_type, data_root=str(data.root))
+    if config.subset is not None:
         # mmengine's BaseDataset keeps the first `indices` samples of its list, and mmseg's BaseSegDataset lists
         # the image folder (scandir order) then sorts by image path: the first N sorted file names.
-        dataset["indices"] = options.subset
-    num_classes = len(EMBEDDED_CLASSES) if embedded else ADE20K_NUM_CLASSES
-    crop = (preset.crop_size, preset.crop_size)
+        dataset["indices"] = config.subset
+    crop = (recipe.crop_size, recipe.crop_size)
     train_pipeline = [
         dict(type="LoadImageFromFile"),
         dict(type="LoadAnnotations", reduce_zero_label=True),
-        dict(type="RandomResize", scale=tuple(preset.resize_scale), ratio_range=tuple(preset.ratio_range),
+        dict(type="RandomResize", scale=tuple(recipe.resize_scale), ratio_range=tuple(recipe.ratio_range),
              keep_ratio=True),
         dict(type="RandomCrop", crop_size=crop, cat_max_ratio=0.75),
         dict(type="RandomFlip", prob=0.5),
-        *([dict(type="PhotoMetricDistortion")] if preset.photometric else []),
+        *([dict(type="PhotoMetricDistortion")] if recipe.photometric else []),
         dict(type="PackSegInputs"),
     ]
     test_pipeline = [
         dict(type="LoadImageFromFile"),
-        dict(type="Resize", scale=tuple(preset.resize_scale), keep_ratio=True),
+        dict(type="Resize", scale=tuple(recipe.resize_scale), keep_ratio=True),
         dict(type="LoadAnnotations", reduce_zero_label=True),  # after Resize: scored at the original size
         dict(type="PackSegInputs"),
     ]
-    workers = dict(num_workers=preset.num_workers, persistent_workers=preset.num_workers > 0)
+    workers = dict(num_workers=recipe.num_workers, persistent_workers=recipe.num_workers > 0)
     train_dataloader = dict(
-        batch_size=preset.batch_size // world_size, **workers,
+        batch_size=recipe.batch_size // world_size, **workers,
         sampler=dict(type="InfiniteSampler", shuffle=True),
         dataset=dict(dataset, data_prefix=dict(img_path="images/training", seg_map_path="annotations/training"),
                      pipeline=train_pipeline))
@@ -446,44 +542,47 @@ def runner_config(options: Ade20kOptions, preset: SegmentationPreset, data_root:
         dataset=dict(dataset, data_prefix=dict(img_path="images/validation",
                                                seg_map_path="annotations/validation"),
                      pipeline=test_pipeline))
-    optimizer = dict(type="AdamW", lr=preset.lr, betas=(0.9, 0.999), weight_decay=preset.weight_decay)
-    warmup = min(preset.warmup_iters, preset.max_iters)
+    optimizer = dict(type="AdamW", lr=recipe.lr, betas=(0.9, 0.999), weight_decay=recipe.weight_decay)
+    warmup = min(recipe.warmup_iters, recipe.max_iters)
+    # a hierarchical backbone's own BatchNorms are synchronised over the GPUs, as mmseg's SyncBN ResNets
+    sync_bn = "torch" if world_size > 1 and architecture_contract(arch).kind == "hierarchical" else None
     return dict(
         default_scope="mmseg",
         work_dir=str(work_dir),
         launcher="pytorch" if world_size > 1 else "none",
         env_cfg=dict(cudnn_benchmark=on_gpu, mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
                      dist_cfg=dict(backend="nccl" if on_gpu else "gloo")),
-        randomness=dict(seed=preset.seed),
-        model=segmentor_config(options.ckpt, arch, num_classes, preset, options.which, sync_bn=world_size > 1),
+        randomness=dict(seed=config.run.seed),
+        model=segmentor_config(config.run.ckpt, arch, data.num_classes, recipe, config.run.which,
+                               sync_bn=world_size > 1),
+        sync_bn=sync_bn,
         train_dataloader=train_dataloader,
         val_dataloader=val_dataloader,
         test_dataloader=val_dataloader,
         val_evaluator=dict(type="IoUMetric", iou_metrics=["mIoU"]),
         test_evaluator=dict(type="IoUMetric", iou_metrics=["mIoU"]),
-        train_cfg=dict(type="IterBasedTrainLoop", max_iters=preset.max_iters, val_interval=preset.val_interval),
+        train_cfg=dict(type="IterBasedTrainLoop", max_iters=recipe.max_iters, val_interval=recipe.val_interval),
         val_cfg=dict(type="ValLoop"),
         test_cfg=dict(type="TestLoop"),
-        optim_wrapper=dict(**amp_wrapper(preset.amp, on_gpu), optimizer=optimizer,
-                           constructor="ViTLayerDecayConstructor",
-                           paramwise_cfg=dict(layer_decay=preset.layer_decay)),
+        optim_wrapper=dict(**optim_wrapper, optimizer=optimizer, constructor="LayerDecayConstructor",
+                           paramwise_cfg=dict(layer_decay=recipe.layer_decay)),
         param_scheduler=[  # mmengine rejects empty phases (a short run may be all warmup)
             *([dict(type="LinearLR", start_factor=1e-6, by_epoch=False, begin=0, end=warmup)] if warmup else []),
-            *([dict(type="PolyLR", eta_min=0.0, power=1.0, by_epoch=False, begin=warmup, end=preset.max_iters)]
-              if warmup < preset.max_iters else []),
+            *([dict(type="PolyLR", eta_min=0.0, power=1.0, by_epoch=False, begin=warmup, end=recipe.max_iters)]
+              if warmup < recipe.max_iters else []),
         ],
         default_hooks=dict(
             timer=dict(type="IterTimerHook"),
-            logger=dict(type="LoggerHook", interval=preset.log_interval, log_metric_by_epoch=False),
+            logger=dict(type="LoggerHook", interval=recipe.log_interval, log_metric_by_epoch=False),
             param_scheduler=dict(type="ParamSchedulerHook"),
-            checkpoint=dict(type="CheckpointHook", by_epoch=False, interval=preset.checkpoint_interval,
+            checkpoint=dict(type="CheckpointHook", by_epoch=False, interval=recipe.checkpoint_interval,
                             max_keep_ckpts=2, save_last=True),
             sampler_seed=dict(type="DistSamplerSeedHook"),
         ),
         log_processor=dict(by_epoch=False),
         log_level="INFO",
         visualizer=dict(type="SegLocalVisualizer", vis_backends=[dict(type="LocalVisBackend")]),
-        load_from=None,
+        load_from=str(config.weights) if config.eval_only else None,
         resume=False,
     )
 
@@ -527,6 +626,21 @@ def save_overlays(segmentor: torch.nn.Module, dataloader: Any, palette: Sequence
     return written
 
 
+def check_segmentor_weights(segmentor: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Refuse a segmentor checkpoint whose tensors are not this segmentor's: mmengine loads them non-strictly, so a
+    backbone or head left out (another architecture, recipe or layout) would be scored silently as initialised."""
+    try:
+        saved = mmseg_compat.load_mmengine_checkpoint(str(path), "cpu", mmap=True)["state_dict"]
+    except Exception as error:  # a damaged or foreign file surfaces as any error type of the unpickler
+        raise ConfigError(f"{path}: not a readable mmengine checkpoint ({type(error).__name__})") from None
+    expected = {name: tuple(value.shape) for name, value in segmentor.state_dict().items()}
+    found = {name: tuple(value.shape) for name, value in saved.items()}
+    differ = sorted(name for name in expected.keys() | found.keys() if expected.get(name) != found.get(name))
+    if differ:
+        raise ConfigError(f"{path} holds another segmentor: {len(differ)} tensors differ in name or shape from "
+                          f"this one (e.g. {', '.join(differ[:3])}); use the settings it was trained with")
+
+
 def loss_history(runner: Runner) -> list[float]:
     """Training losses per iteration logged by this process's run (after a resume: the resumed history too)."""
     if "train/loss" not in runner.message_hub.log_scalars:
@@ -535,149 +649,135 @@ def loss_history(runner: Runner) -> list[float]:
     return [round(float(v), 5) for v in values]
 
 
-def run_ade20k(options: Ade20kOptions) -> Result | None:
-    """Train (or only evaluate) UperNet on ``options.ckpt`` and append the record; the record on rank 0."""
-    if options.data_root is None and not options.embedded:
-        raise SegmentationError(f"no data: pass --data-root DIR, an ADEChallengeData2016 folder holding "
-                                f"{', '.join(ADE20K_FOLDERS)} (ADEChallengeData2016.zip from "
-                                f"http://sceneparsing.csail.mit.edu), or --embedded for the generated ADE-format "
-                                f"scenes (a CPU demo, not ADE20K)")
-    if options.data_root is not None and options.embedded:
-        raise SegmentationError("pass either --data-root or --embedded, not both")
-    if not Path(options.ckpt).is_file():
-        raise CheckpointError(options.ckpt, "no such file")
-    preset_name = options.preset or ("embedded_cpu" if options.embedded else "upernet_vitb_160k")
-    if preset_name not in PRESETS:
-        raise SegmentationError(f"unknown preset {preset_name!r}; choose one of: {', '.join(PRESETS)}")
-    if options.subset is not None and options.subset < 1:
-        raise SegmentationError(f"--subset {options.subset}: give a positive number of images (the first N sorted "
-                                f"file names of training and of validation)")
-    preset = dataclasses.replace(PRESETS[preset_name], **options.overrides)
-    started = time.perf_counter()
-    sha256 = file_sha256(options.ckpt)
-    subset = f"-first{options.subset}" if options.subset is not None else ""  # never resumes a full run's work
-    work_dir = Path(options.out or Path("runs/transfer/ade20k") / preset_name
-                    / f"{Path(options.ckpt).stem}-{sha256[:8]}{subset}")
-    if options.embedded:
-        data_root = Path(options.embedded_root)
-        if get_rank_from_env() == 0:
-            make_embedded_ade20k(data_root, options.embedded_set)
-        else:
-            wait_for_embedded_ade20k(data_root, options.embedded_set)
-        num_classes = len(EMBEDDED_CLASSES)
-    else:
-        data_root = Path(options.data_root)
-        num_classes = ADE20K_NUM_CLASSES
-    check_layout(data_root)
-    if get_rank_from_env() == 0:
-        check_annotation_labels(data_root, num_classes, cache=work_dir / "annotation_scan.json",
-                                subset=options.subset)
-    arch = options.arch or infer_arch(options.ckpt, options.which)
+def launch_rank() -> int:
+    """This process's rank before the Runner starts the process group (torchrun sets RANK)."""
+    return int(os.environ.get("RANK", "0"))
 
-    config = runner_config(options, preset, data_root, work_dir, arch)
-    if options.eval_only:
-        weights = Path(options.weights) if options.weights else last_checkpoint(work_dir)
-        if weights is None or not weights.is_file():
-            raise SegmentationError(f"--eval-only: no trained segmentor "
-                                    f"({options.weights or f'no last_checkpoint in {work_dir}'}); train first or "
-                                    f"pass --weights PATH")
-        config["load_from"] = str(weights)
-    elif options.resume:
-        if last_checkpoint(work_dir) is None:
-            raise SegmentationError(f"--resume: no checkpoint in {work_dir} (its last_checkpoint file); run without "
-                                    f"--resume to start")
-        config["resume"] = True
-    runner = Runner.from_cfg(Config(config))
+
+def check_options(config: Ade20kConfig) -> torch.device:
+    """Refuse what cannot run before anything is read or written; the device the Runner will use."""
+    run = config.run
+    if run.ckpt is None:
+        raise ConfigError("--ckpt is required (a checkpoint file: ours, official MAE / RC-MAE, timm, MMPretrain, ...)")
+    if run.data_root is None:
+        raise ConfigError(f"no data: pass --data-root DIR, an ADEChallengeData2016 folder holding "
+                          f"{', '.join(ADE20K_FOLDERS)} (ADEChallengeData2016.zip from "
+                          f"http://sceneparsing.csail.mit.edu), or --embedded for the generated ADE-format scenes "
+                          f"(a CPU demo, not ADE20K)")
+    if config.subset is not None and config.subset < 1:
+        raise ConfigError(f"--subset {config.subset}: give a positive number of images (the first N sorted file "
+                          f"names of training and of validation)")
+    if config.eval_only and run.resume:
+        raise ConfigError("--eval-only and --resume exclude each other")
+    device = resolve_device(None)  # mmengine's Runner takes no device: CUDA when there is one
+    try:
+        wanted = device if run.device is None else torch.device(run.device)
+    except RuntimeError:
+        raise ConfigError(f"--device {run.device!r}: not a device (cpu, cuda, cuda:0, ...)") from None
+    if wanted.type != device.type:
+        raise ConfigError(f"--device {run.device}: mmengine's Runner uses {device.type} on this machine (CUDA "
+                          f"whenever there is one); hide the GPUs (CUDA_VISIBLE_DEVICES=) to run on the CPU")
+    return device
+
+
+def checkpoint_arch(run: RunSpec) -> str:
+    """The architecture to build (``--arch``, else the checkpoint's), after the loader has read the file: a bad
+    checkpoint stops with the loader's one line before anything hashes or writes it."""
+    if run.arch:
+        read_checkpoint(run.ckpt)
+        return run.arch
+    return infer_arch(run.ckpt, run.which)
+
+
+def run_ade20k(config: Ade20kConfig) -> Result | None:
+    """Train (or only evaluate) UperNet on ``config.run.ckpt`` and append the record; the record on rank 0."""
+    device = check_options(config)
+    run, recipe = config.run, config.recipe
+    arch = checkpoint_arch(run)
+    started = time.perf_counter()
+    sha256 = file_sha256(run.ckpt)
+    subset = f"-first{config.subset}" if config.subset is not None else ""  # never resumes a full run's work
+    work_dir = Path(run.out or Path("runs/transfer/ade20k") / config.preset
+                    / f"{Path(run.ckpt).stem}-{sha256[:8]}{subset}")
+    data = describe_data(run.data_root)
+    optim_wrapper, dtype = training_precision(run.precision, device, recipe)
+    holds_run = last_checkpoint(work_dir) is not None
+    weights = config.weights
+    if config.eval_only:
+        weights = weights or (str(last_checkpoint(work_dir)) if holds_run else None)
+        if weights is None or not Path(weights).is_file():
+            raise ConfigError(f"--eval-only: no trained segmentor ({weights or f'no last_checkpoint in {work_dir}'});"
+                              f" train first or pass --weights PATH")
+    # config.yaml says what was resolved: the run directory, the architecture and the weights scored
+    config = dataclasses.replace(config, run=dataclasses.replace(run, out=str(work_dir), arch=arch), weights=weights)
+    lock = None
+    if launch_rank() == 0:  # the launching process holds the folder; an evaluation of its run is checked as a resume
+        lock = start_run(work_dir, to_dict(config), resume=run.resume or (config.eval_only and holds_run),
+                         holds_run=holds_run, harmless=HARMLESS)
+    try:
+        return train_and_record(config, data, work_dir, arch, sha256, started, optim_wrapper, dtype,
+                                resumed=run.resume and holds_run)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def train_and_record(config: Ade20kConfig, data: SegmentationData, work_dir: Path, arch: str, sha256: str,
+                     started: float, optim_wrapper: dict, dtype: torch.dtype | None, resumed: bool) -> Result | None:
+    """The Runner's part of :func:`run_ade20k`, in the locked run directory."""
+    if launch_rank() == 0:
+        check_annotation_labels(data.root, data.num_classes, cache=work_dir / "annotation_scan.json",
+                                subset=config.subset)
+    runner_cfg = runner_config(config, data, work_dir, arch, optim_wrapper)
+    runner_cfg["resume"] = resumed
+    runner = Runner.from_cfg(Config(runner_cfg))
     segmentor = runner.model.module if is_model_wrapper(runner.model) else runner.model
     report = segmentor.backbone.load_report
+    if config.eval_only or resumed:
+        check_segmentor_weights(segmentor, config.weights if config.eval_only else last_checkpoint(work_dir))
     losses: list[float] = []
-    if not options.eval_only:
+    if not config.eval_only:
         runner.train()
         losses = loss_history(runner)
     metrics = {k: round(float(v), 2) for k, v in runner.test().items() if k in ("mIoU", "mAcc", "aAcc")}
     device = next(segmentor.parameters()).device
     if not is_main_process():
         return None
-    palette = EMBEDDED_PALETTE if options.embedded else runner.test_dataloader.dataset.metainfo["palette"]
-    overlays = save_overlays(segmentor, runner.test_dataloader, palette, work_dir / "overlays", options.overlays)
+    palette = runner.test_dataloader.dataset.metainfo["palette"]
+    overlays = save_overlays(segmentor, runner.test_dataloader, palette, work_dir / "overlays", config.overlays)
     if losses:
         (work_dir / "train_loss.json").write_text(json.dumps(losses))
-    details = dict(preset=preset_name, **asdict(preset), data_root=str(data_root), work_dir=str(work_dir),
-                   arch=arch, which=options.which, world_size=int(os.environ.get("WORLD_SIZE", "1")),
-                   optim_wrapper=config["optim_wrapper"]["type"], eval_only=options.eval_only,
-                   weights=config["load_from"], resumed=options.resume, num_classes=num_classes,
-                   loaded_backbone_tensors=len(report.loaded), overlays=[str(p) for p in overlays],
-                   train_loss_first=losses[0] if losses else None, train_loss_last=losses[-1] if losses else None,
-                   subset=options.subset, val_images=len(runner.test_dataloader.dataset),
-                   # the train loop exists only when trained (reading it would build it for --eval-only)
-                   train_images=None if options.eval_only else len(runner.train_dataloader.dataset))
-    if options.embedded:
-        details["embedded_set"] = asdict(options.embedded_set)
-    found = checkpoint_fields(options.ckpt, report.metadata, sha256, method=options.method, arch=arch)
-    result = Result(task="segmentation", dataset="ade20k-embedded" if options.embedded else "ade20k",
-                    protocol="upernet", metric="mIoU", value=round(metrics["mIoU"], 2), metrics=metrics,
-                    tags={"subset": f"first{options.subset}"} if options.subset is not None else {},
-                    seed=preset.seed, config=details, wall_time_s=round(time.perf_counter() - started, 1),
-                    peak_memory_gb=round(peak_memory_gb(device), 3), **found, **run_environment(device))
-    store = append_result(result, options.results)
-    print(f"ADE20K UperNet ({result.dataset}, {preset_name}): mIoU {metrics['mIoU']:.2f}, mAcc "
+    facts = dict(data_manifest=data.manifest, num_classes=data.num_classes,
+                 world_size=int(os.environ.get("WORLD_SIZE", "1")), optim_wrapper=optim_wrapper["type"],
+                 resumed=resumed, loaded_backbone_tensors=len(report.loaded), overlay_files=[str(p) for p in overlays],
+                 train_loss_first=losses[0] if losses else None, train_loss_last=losses[-1] if losses else None,
+                 val_images=len(runner.test_dataloader.dataset),
+                 # the train loop exists only when trained (reading it would build it for --eval-only)
+                 train_images=None if config.eval_only else len(runner.train_dataloader.dataset))
+    run = config.run
+    result = build_result(task="segmentation", dataset=data.name, protocol="upernet", metric="mIoU", metrics=metrics,
+                          checkpoint=run.ckpt, metadata=report.metadata, sha256=sha256, method=run.method, arch=arch,
+                          seed=run.seed, config={**to_dict(config), **facts}, started=started, device=device,
+                          dtype=dtype, tags={"subset": f"first{config.subset}"} if config.subset is not None else {})
+    if dtype == torch.float16:  # core's precision names are bf16 and fp32; this fallback is neither
+        result.precision = result.compute["precision"] = "fp16"
+    store = append_result(result, run.results)
+    print(f"ADE20K UperNet ({result.dataset}, {config.preset}): mIoU {metrics['mIoU']:.2f}, mAcc "
           f"{metrics['mAcc']:.2f}, aAcc {metrics['aAcc']:.2f} -> {store}; overlays in {work_dir / 'overlays'}",
           flush=True)
     return result
 
 
-def get_rank_from_env() -> int:
-    """This process's rank before the Runner starts the process group (torchrun sets RANK)."""
-    return int(os.environ.get("RANK", "0"))
-
-
 # ----------------------------------------------------------------------------------------------- command line
 
 
-def parse_args(argv: list[str]) -> Ade20kOptions:
-    parser = argparse.ArgumentParser(prog="transfer/run.py ade20k", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", required=True, help="pretrained checkpoint (any format our loader reads)")
-    data = parser.add_mutually_exclusive_group()
-    data.add_argument("--data-root", help="ADEChallengeData2016 folder (images/ and annotations/ training, "
-                                          "validation)")
-    data.add_argument("--embedded", action="store_true", help="the generated ADE-format scenes (CPU, minutes)")
-    parser.add_argument("--embedded-root", default=Ade20kOptions.embedded_root,
-                        help="where the embedded set is written once and reused")
-    parser.add_argument("--preset", choices=list(PRESETS),
-                        help="default: upernet_vitb_160k with --data-root, embedded_cpu with --embedded")
-    parser.add_argument("--out", help="work dir (default runs/transfer/ade20k/<preset>/<checkpoint>-<sha[:8]>)")
-    parser.add_argument("--which", default="teacher", help="teacher or student, for files that hold both")
-    parser.add_argument("--arch", help="architecture, where the checkpoint does not say")
-    parser.add_argument("--method", help="pretraining method for the record, where the checkpoint does not say "
-                                         "(e.g. mae for an official MAE file)")
-    parser.add_argument("--eval-only", action="store_true",
-                        help="score a trained segmentor (--weights, or the work dir's last checkpoint)")
-    parser.add_argument("--weights", help="with --eval-only: an mmengine checkpoint of the whole segmentor")
-    parser.add_argument("--resume", action="store_true", help="continue from the work dir's last checkpoint")
-    parser.add_argument("--results", help="results store (default $MIMBENCH_RESULTS or results/results.jsonl)")
-    parser.add_argument("--overlays", type=int, default=4, help="predicted-mask overlays saved (PNG)")
-    parser.add_argument("--subset", type=int, help="only the first N images (sorted file names) of training and "
-                                                   "of validation: a quick check on the real data; the record is "
-                                                   "tagged subset=first<N>")
-    options = parser.add_argument_group("preset overrides (defaults come from --preset)")
-    add_dataclass_flags(options, SegmentationPreset)
-    embedded = parser.add_argument_group("embedded set")
-    for field in dataclasses.fields(EmbeddedSet):
-        embedded.add_argument(f"--embedded-{field.name.replace('_', '-')}", type=int, default=None)
-    args = vars(parser.parse_args(argv))
-    if args["eval_only"] and args["resume"]:
-        parser.error("--eval-only and --resume exclude each other")
-    preset_fields = {f.name for f in dataclasses.fields(SegmentationPreset)}
-    overrides = {k: (tuple(v) if isinstance(v, list) else v) for k, v in args.items()
-                 if k in preset_fields and v is not None}
-    embedded_set = EmbeddedSet(**{f.name: args.pop(f"embedded_{f.name}") for f in dataclasses.fields(EmbeddedSet)
-                                  if args.get(f"embedded_{f.name}") is not None})
-    plain = {k: v for k, v in args.items() if k in {f.name for f in dataclasses.fields(Ade20kOptions)}}
-    return Ade20kOptions(**plain, overrides=overrides, embedded_set=embedded_set)
+def parse_args(argv: list[str] | None) -> Ade20kConfig:
+    """The run's configuration from the command line (``mimbench.core.config``: defaults < --config < --preset <
+    flags; --embedded: the generated scenes)."""
+    return parse_config(Ade20kConfig, argv, prog="transfer/run.py ade20k", description=__doc__, presets=PRESETS,
+                        default_preset="upernet_vitb_160k", embedded=EMBEDDED)
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str] | None = None) -> int:
     """``transfer/run.py ade20k ...``: 0 on success, 1 after one ``error:`` line for a problem the user can fix."""
-    options = parse_args(argv)
-    return exit_status(lambda: run_ade20k(options))
+    return exit_status(lambda: run_ade20k(parse_args(argv)))

@@ -101,8 +101,9 @@ def history_buffer_statistic(owner: object, name: str):
                                  f"methods are allowed")
 
 
-def load_mmengine_checkpoint(filename: str, map_location=None):
-    """mmengine's local-file checkpoint loader, with ``weights_only=True`` and the allow-list above.
+def load_mmengine_checkpoint(filename: str, map_location=None, mmap: bool = False):
+    """mmengine's local-file checkpoint loader, with ``weights_only=True`` and the allow-list above (``mmap``: the
+    tensors stay on disk until read, for a look at names and shapes).
 
     The allow-list is scoped to this load (``torch.serialization.safe_globals``) rather than added process-wide
     with ``add_safe_globals``: torch's ``safe_globals`` context removes its types on exit even where they were
@@ -113,7 +114,7 @@ def load_mmengine_checkpoint(filename: str, map_location=None):
     if not os.path.isfile(filename):
         raise FileNotFoundError(f"{filename} can not be found.")
     with torch.serialization.safe_globals(mmengine_checkpoint_globals()):
-        return torch.load(filename, map_location=map_location, weights_only=True)
+        return torch.load(filename, map_location=map_location, weights_only=True, mmap=mmap)
 
 
 def install_checkpoint_loader() -> None:
