@@ -1,27 +1,43 @@
-"""Classification transfer end to end on the bundled digits: linear probe, fine-tuning, LARS probe, resume, DDP."""
+"""Classification transfer end to end on the bundled digits: linear probe, fine-tuning, LARS probe, resume, DDP;
+the task contract (presets, config.yaml and its replay, the resume rule, precision, bad checkpoints) and a
+hierarchical backbone (timm's resnet18)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
+import timm
 import torch
+import yaml
 from timm.optim import Lars
 from torch.utils.data import Subset
 
 from mimbench.backbones.checkpoint import CheckpointMetadata, save_backbone
 from mimbench.backbones.vit import create_backbone
+from mimbench.core.config import to_dict
 from mimbench.core.errors import TrainingDiverged
-from mimbench.core.runtime import Distributed
 from mimbench.core.io import file_sha256
+from mimbench.core.runtime import Distributed
 from mimbench.results import read_results
+from mimbench.transfer import classification, features
+from mimbench.transfer.classification import LinearProbe, parse_args
 from mimbench.transfer.datasets import build_dataset, collate_readable
 from mimbench.transfer.features import FeatureCache, cache_key, pooled_features
-from mimbench.transfer.finetune import (RECIPES, FinetuneConfig, FinetuneRun, build_classifier, eval_transform,
-                                        train_transform)
+from mimbench.transfer.finetune import (
+    MAE_FINETUNE,
+    PRESETS,
+    FinetuneRecipe,
+    FinetuneRun,
+    build_classifier,
+    eval_transform,
+    train_transform,
+)
 from mimbench.transfer.logistic import REGULARISATION_GRID
 from mimbench.transfer.run import main
 
@@ -43,11 +59,12 @@ def records(store: Path):
     return results
 
 
+@pytest.mark.slow
 def test_linear_probe_on_digits_end_to_end_with_feature_cache(tmp_path, checkpoint, capsys):
     store, cache = tmp_path / "results.jsonl", tmp_path / "cache"
     argv = ["digits", "--ckpt", str(checkpoint), "--results", str(store), "--cache-dir", str(cache),
             "--tags", "ablation=probe", "variant=avg"]
-    assert main(argv) == 0
+    assert main([*argv, "--out", str(tmp_path / "first")]) == 0
     assert "features: extracted" in capsys.readouterr().out
     (result,) = records(store)
     assert result.task == "classification" and result.dataset == "digits" and result.protocol == "linear"
@@ -56,21 +73,25 @@ def test_linear_probe_on_digits_end_to_end_with_feature_cache(tmp_path, checkpoi
     assert result.method == "mae" and result.arch == "vit_tiny_patch4_32" and result.pretrain_epochs == 3.0
     assert result.checkpoint_sha256 == file_sha256(checkpoint) and result.pretrain_gpu_days == 0.0
     assert result.tags == {"ablation": "probe", "variant": "avg"}
-    assert result.config["pool"] == "avg" and result.config["regularisation"] in REGULARISATION_GRID
+    assert result.config["probe"]["pool"] == "avg" and result.config["regularisation"] in REGULARISATION_GRID
+    assert result.config["recipe"] is None and result.config["run"]["ckpt"] == str(checkpoint)
     assert result.config["images"] == {"train": 1150, "val": 288, "test": 359}
     assert result.device.startswith("cpu") and result.date and result.wall_time_s > 0
+    assert result.precision == result.compute["precision"] in ("bf16", "fp32") and result.compute["threads"] >= 1
     assert len(list(cache.glob("*.safetensors"))) == 3
 
-    assert main(argv) == 0  # the second probe reads the cached features
+    assert main([*argv, "--out", str(tmp_path / "second")]) == 0  # another run reads the cached features
     assert "features: cache" in capsys.readouterr().out
     first, second = records(store)
     assert second.value == first.value and second.config["regularisation"] == first.config["regularisation"]
 
-    assert main([*argv[:-3], "--pool", "token"]) == 0  # another pooling is another feature set
+    # another pooling is another feature set
+    assert main([*argv[:-3], "--pool", "token", "--out", str(tmp_path / "token")]) == 0
     assert len(list(cache.glob("*.safetensors"))) == 6
-    assert records(store)[-1].config["pool"] == "token"
+    assert records(store)[-1].config["probe"]["pool"] == "token"
 
 
+@pytest.mark.slow
 def test_per_class_slice_probes_a_fixed_subset_tagged_and_cached_apart(tmp_path, checkpoint, capsys, monkeypatch):
     store, cache = tmp_path / "results.jsonl", tmp_path / "cache"
     described = []
@@ -83,7 +104,7 @@ def test_per_class_slice_probes_a_fixed_subset_tagged_and_cached_apart(tmp_path,
     monkeypatch.setattr(FeatureCache, "get_or_extract", spy)
     argv = ["digits", "--ckpt", str(checkpoint), "--results", str(store), "--cache-dir", str(cache),
             "--per-class", "5", "--tags", "variant=avg"]
-    assert main(argv) == 0
+    assert main([*argv, "--out", str(tmp_path / "first")]) == 0
     assert "features: extracted" in capsys.readouterr().out
     (result,) = records(store)
     assert result.config["per_class"] == 5
@@ -96,7 +117,7 @@ def test_per_class_slice_probes_a_fixed_subset_tagged_and_cached_apart(tmp_path,
         full = {k: v for k, v in description.items() if k != "per_class"}
         assert cache_key(**description) != cache_key(**full)
         assert FeatureCache(cache).load(cache_key(**full)) is None
-    assert main(argv) == 0  # the same slice again: its own cached features
+    assert main([*argv, "--out", str(tmp_path / "second")]) == 0  # the same slice again: its own cached features
     assert "features: cache" in capsys.readouterr().out
     assert main(["digits", "--ckpt", str(checkpoint), "--results", str(store), "--per-class", "0"]) == 1
     assert "--per-class 0: give a positive number of images per class" in capsys.readouterr().err
@@ -105,6 +126,7 @@ def test_per_class_slice_probes_a_fixed_subset_tagged_and_cached_apart(tmp_path,
     assert len(records(store)) == 2
 
 
+@pytest.mark.slow
 def test_per_class_fine_tuning_trains_on_the_train_and_val_slices(tmp_path, checkpoint):
     store = tmp_path / "results.jsonl"
     assert main(["digits", "--ckpt", str(checkpoint), "--protocol", "finetune", "--per-class", "2", "--epochs", "1",
@@ -146,29 +168,34 @@ def test_feature_cache_keys_and_damaged_entries(tmp_path):
     assert cache.get_or_extract(description, extract)[2] is False and len(calls) == 2
 
 
+@pytest.mark.slow
 def test_finetune_on_digits_beats_chance_by_far_with_the_grid(tmp_path, checkpoint):
     store = tmp_path / "results.jsonl"
     assert main(["digits", "--ckpt", str(checkpoint), "--protocol", "finetune", "--results", str(store),
                  "--out", str(tmp_path / "run")]) == 0
     (result,) = records(store)
-    assert result.protocol == "finetune" and result.config["recipe"] == "embedded"
+    assert result.protocol == "finetune" and result.config["preset"] == "embedded"
+    assert result.config["recipe"] == json.loads(json.dumps(asdict(PRESETS["embedded"])))
     assert result.value > 40  # chance is 10%
     assert set(result.config["grid_val_scores"]) == {"lr0.003_wd0.05", "lr0.01_wd0.05"}
     chosen = max(result.config["grid_val_scores"], key=result.config["grid_val_scores"].get)
     assert chosen == f"lr{result.config['finetune']['base_lr']:g}_wd0.05"
     losses = [epoch["train_loss"] for epoch in result.config["history"]]
-    assert len(losses) == RECIPES["embedded"]["epochs"] and losses[-1] < 0.8 * losses[0]
+    assert len(losses) == PRESETS["embedded"].epochs and losses[-1] < 0.8 * losses[0]
     assert (tmp_path / "run" / "final" / "result.json").exists()
 
 
-def small_run(checkpoint: Path, out: Path, eval_split: str = "val", **changes) -> FinetuneRun:
-    config = FinetuneConfig(**{**RECIPES["embedded"], "epochs": 3, "batch_size": 16, **changes})
-    model, _ = build_classifier(str(checkpoint), 10, config)
-    train = Subset(build_dataset("digits", None, "train", train_transform(config, 16)), range(64))
-    evaluated = Subset(build_dataset("digits", None, eval_split, eval_transform(config, 16)), range(32))
-    return FinetuneRun(config, model, train, evaluated, "top1", False, out, Distributed(), collate_fn=collate_readable)
+def small_run(checkpoint: Path, out: Path, eval_split: str = "val", base: FinetuneRecipe = PRESETS["embedded"],
+              **changes) -> FinetuneRun:
+    recipe = replace(base, **{"epochs": 3, "batch_size": 16, **changes})
+    model, _ = build_classifier(str(checkpoint), 10, recipe, seed=0)
+    train = Subset(build_dataset("digits", None, "train", train_transform(recipe, 16)), range(64))
+    evaluated = Subset(build_dataset("digits", None, eval_split, eval_transform(recipe, 16)), range(32))
+    return FinetuneRun(recipe, model, train, evaluated, "top1", False, out, Distributed(), num_classes=10,
+                       collate_fn=collate_readable)
 
 
+@pytest.mark.slow
 def test_finetune_resumes_exactly_after_an_interruption(tmp_path, checkpoint):
     torch.manual_seed(0)
     straight = small_run(checkpoint, tmp_path / "straight")
@@ -211,9 +238,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_epoch(tmp_path, checkpoint):
 
 
 def test_lars_probe_trains_only_the_head_with_mae_lars_steps(tmp_path, checkpoint):
-    run = small_run(checkpoint, tmp_path, **{**RECIPES["imagenet-linear"], "epochs": 2, "batch_size": 16,
-                                             "total_batch_size": None, "num_workers": 0, "image_size": 16,
-                                             "eval_crop_ratio": 1.0})
+    run = small_run(checkpoint, tmp_path, base=PRESETS["imagenet-linear"], epochs=2, total_batch_size=None,
+                    num_workers=0, image_size=16, eval_crop_ratio=1.0)
     assert isinstance(run.optimizer, Lars)
     assert isinstance(run.model.head[0], torch.nn.BatchNorm1d) and run.model.head[0].weight is None
     # One step by hand: MAE's LARS scales a matrix's update by 0.001 * |w| / |g| and leaves the bias plain SGD.
@@ -254,6 +280,7 @@ def test_bad_flags_say_what_is_wrong(checkpoint, capsys):
     assert "--layer-decay" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_fine_tune_and_write_one_record(tmp_path, checkpoint, free_port):
     store = tmp_path / "results.jsonl"
     subprocess.run(
@@ -268,7 +295,7 @@ def test_two_gloo_processes_fine_tune_and_write_one_record(tmp_path, checkpoint,
     assert result.value > 20
 
 
-
+@pytest.mark.slow
 def test_imagenet_recipe_runs_with_timm_augmentation_mixup_and_accumulation(tmp_path, checkpoint):
     """MAE's ImageNet recipe end to end on a tiny ImageNet-style folder: RandAugment, random erasing, mixup /
     cutmix with the soft-target loss, accumulation up to the total batch, the official val as test."""
@@ -285,10 +312,11 @@ def test_imagenet_recipe_runs_with_timm_augmentation_mixup_and_accumulation(tmp_
     store = tmp_path / "results.jsonl"
     assert main(["imagenet", "--ckpt", str(checkpoint), "--protocol", "finetune", "--data-root",
                  str(tmp_path / "imagenet"), "--epochs", "2", "--batch-size", "4", "--total-batch-size", "8",
-                 "--image-size", "16", "--num-workers", "0", "--results", str(store), "--out", str(tmp_path / "in")]) == 0
+                 "--image-size", "16", "--num-workers", "0", "--results", str(store),
+                 "--out", str(tmp_path / "in")]) == 0
     (result,) = records(store)
     recipe = result.config["finetune"]
-    assert result.config["recipe"] == "imagenet" and result.config["grid_val_scores"] == {}
+    assert result.config["preset"] == "imagenet" and result.config["grid_val_scores"] == {}
     assert (recipe["mixup"], recipe["cutmix"], recipe["random_erasing"]) == (0.8, 1.0, 0.25)
     assert recipe["randaugment"] == "rand-m9-mstd0.5-inc1" and recipe["layer_decay"] == 0.65
     assert result.config["effective_batch"] == 8  # batch 4 x 2 accumulation steps
@@ -301,6 +329,260 @@ def test_the_fresh_head_is_drawn_from_the_seed(tmp_path):
     """A fine-tune with a fixed seed repeats exactly: the head, the only random init, comes from the seed."""
     ckpt = save_backbone(tmp_path / "tiny.safetensors", create_backbone("vit_tiny_patch4_32"),
                          CheckpointMetadata(method="mae", arch="vit_tiny_patch4_32"))
-    heads = [build_classifier(str(ckpt), 10, FinetuneConfig(seed=seed))[0].head.weight for seed in (0, 0, 1)]
+    heads = [build_classifier(str(ckpt), 10, FinetuneRecipe(), seed)[0].head.weight for seed in (0, 0, 1)]
     assert torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], heads[2])
     assert 0 < heads[0].std() < 1e-4  # MAE's trunc-normal std 2e-5
+
+
+# ----------------------------------------------------------------------------------------- the task contract
+
+# The recipes as they were before they became presets (a dict of overrides on the fine-tuning defaults of that
+# time): every preset must still train with exactly these numbers.
+OLD_DEFAULTS = dict(epochs=100, warmup_epochs=5, batch_size=64, total_batch_size=None, base_lr=5e-4, min_lr=1e-6,
+                    weight_decay=0.05, layer_decay=0.65, drop_path=0.1, global_pool="avg", image_size=None,
+                    eval_crop_ratio=0.875, min_crop_scale=0.08, hflip=0.5, label_smoothing=0.1, mixup=0.0,
+                    cutmix=0.0, randaugment=None, random_erasing=0.0, frozen_backbone=False, optimizer="adamw",
+                    num_workers=4)
+OLD_RECIPES = {
+    "transfer": dict(lr_grid=(2.5e-4, 5e-4, 1e-3), wd_grid=(0.05, 0.3)),
+    "imagenet": dict(batch_size=128, total_batch_size=1024, randaugment="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0,
+                     random_erasing=0.25, num_workers=10),
+    "imagenet-linear": dict(epochs=90, warmup_epochs=10, batch_size=512, total_batch_size=16384, base_lr=0.1,
+                            weight_decay=0.0, layer_decay=1.0, drop_path=0.0, global_pool="token",
+                            label_smoothing=0.0, frozen_backbone=True, optimizer="lars", num_workers=10),
+    "embedded": dict(epochs=5, warmup_epochs=1, base_lr=1e-2, layer_decay=0.75, drop_path=0.0, min_crop_scale=0.8,
+                     hflip=0.0, image_size=16, eval_crop_ratio=1.0, num_workers=0, lr_grid=(3e-3, 1e-2),
+                     wd_grid=(0.05,)),
+}
+
+
+def test_presets_keep_the_recipes_numbers_and_derive_from_mae():
+    assert set(PRESETS) == set(OLD_RECIPES) and PRESETS["imagenet"] == MAE_FINETUNE == FinetuneRecipe()
+    for name, overrides in OLD_RECIPES.items():
+        assert asdict(PRESETS[name]) == {"lr_grid": (), "wd_grid": (), **OLD_DEFAULTS, **overrides}, name
+
+
+def parsed(*argv: str):
+    return parse_args(["digits", "--ckpt", "x.pth", *argv])
+
+
+def test_the_default_preset_follows_dataset_and_protocol():
+    linear = parsed()
+    assert linear.protocol == "linear" and linear.preset is None and linear.recipe is None
+    assert linear.probe == LinearProbe() and linear.run.ckpt == "x.pth" and linear.run.precision == "auto"
+    tuned = parsed("--protocol", "finetune")
+    assert tuned.preset == "embedded" and tuned.recipe == PRESETS["embedded"] and tuned.probe is None
+    assert parse_args(["cifar10", "--ckpt", "x", "--protocol", "finetune"]).preset == "transfer"
+    assert parse_args(["imagenet", "--ckpt", "x", "--protocol", "finetune"]).recipe == PRESETS["imagenet"]
+    assert parse_args(["imagenet", "--ckpt", "x", "--protocol", "linear-lars"]).preset == "imagenet-linear"
+    for flag in ("--preset", "--recipe"):  # --recipe names a preset as it always did
+        config = parsed("--protocol", "finetune", flag, "transfer", "--epochs", "3")
+        assert config.preset == "transfer" and config.recipe == replace(PRESETS["transfer"], epochs=3)
+
+
+def test_flags_reach_the_protocol_that_runs():
+    assert parsed("--batch-size", "16", "--num-workers", "0").probe == LinearProbe(batch_size=16, num_workers=0)
+    tuned = parsed("--protocol", "finetune", "--batch-size", "16", "--precision", "fp32", "--seed", "3",
+                   "--resume", "--lr-grid", "1e-3", "2e-3", "--tags", "a=b")
+    assert (tuned.recipe.batch_size, tuned.recipe.lr_grid, tuned.recipe.wd_grid) == (16, (1e-3, 2e-3), (0.05,))
+    assert (tuned.run.precision, tuned.run.seed, tuned.run.resume, tuned.tags) == ("fp32", 3, True, ["a=b"])
+    # An explicit --base-lr is that one lr (no grid over it), as the chain's `--base-lr 1e-2` always meant.
+    single = parsed("--protocol", "finetune", "--base-lr", "1e-2")
+    assert (single.recipe.base_lr, single.recipe.lr_grid, single.recipe.wd_grid) == (1e-2, (), (0.05,))
+    assert parsed("--protocol", "finetune", "--weight-decay", "0.1").recipe.wd_grid == ()
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--layer-decay", "0.5"], "--layer-decay"),  # a fine-tuning option for the probe
+    (["--preset", "transfer"], "--preset"),
+    (["--protocol", "finetune", "--pool", "token"], "--pool"),  # a probe option for fine-tuning
+    (["--protocol", "finetune", "--base-lr", "1e-3", "--lr-grid", "1e-3"], "pass one"),
+])
+def test_options_of_the_other_protocol_are_refused(argv, named, capsys):
+    with pytest.raises(SystemExit):
+        parsed(*argv)
+    assert named in capsys.readouterr().err
+
+
+def test_a_config_file_is_overridden_by_preset_and_flags(tmp_path):
+    saved = to_dict(parsed("--protocol", "finetune", "--epochs", "2", "--seed", "5"))
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(json.loads(json.dumps(saved))))
+    replayed = parse_args(["--config", str(path)])  # the dataset, protocol and recipe come from the file
+    assert to_dict(replayed) == saved and replayed.recipe.lr_grid == (3e-3, 1e-2)
+    assert parse_args(["--config", str(path), "--epochs", "4"]).recipe == replace(PRESETS["embedded"], epochs=4)
+    assert parse_args(["--config", str(path), "--preset", "transfer"]).recipe == PRESETS["transfer"]
+    assert parse_args(["--config", str(path), "--protocol", "linear"]).recipe is None
+    path.write_text("recipe: {epochs: 2, warmup: 1}\n")
+    assert main(["digits", "--config", str(path)]) == 1  # an unknown field: one line
+
+
+def bad_checkpoints(folder: Path, good: Path) -> dict[str, Path]:
+    folder.mkdir()
+    (folder / "empty.pth").write_bytes(b"")
+    (folder / "garbage.pth").write_bytes(os.urandom(4096))
+    (folder / "truncated.safetensors").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    torch.save({"conv.weight": torch.zeros(2, 2)}, folder / "foreign.pth")  # no backbone in it
+    (folder / "a_directory.pth").mkdir()
+    return {"missing": folder / "missing.pth", **{path.stem.split("_")[-1]: path for path in folder.iterdir()}}
+
+
+@pytest.mark.parametrize("protocol", ["linear", "finetune"])
+def test_every_bad_checkpoint_is_one_line_before_any_hashing(tmp_path, checkpoint, capsys, monkeypatch, protocol):
+    def never(path):
+        raise AssertionError(f"hashed {path} before the checkpoint was checked")
+
+    monkeypatch.setattr(classification, "file_sha256", never)
+    kinds = bad_checkpoints(tmp_path / "bad", checkpoint)
+    assert set(kinds) == {"missing", "empty", "garbage", "truncated", "foreign", "directory"}
+    for kind, path in kinds.items():
+        out = tmp_path / f"run_{kind}"
+        assert main(["digits", "--ckpt", str(path), "--protocol", protocol, "--out", str(out)]) == 1, kind
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {path}: "), (kind, lines)
+        assert not out.exists()
+
+
+def probe_argv(checkpoint: Path, folder: Path, *extra: str) -> list[str]:
+    return ["digits", "--ckpt", str(checkpoint), "--per-class", "5", "--results", str(folder / "results.jsonl"),
+            "--cache-dir", str(folder / "cache"), "--out", str(folder / "run"), *extra]
+
+
+def test_the_run_directory_holds_config_and_record_and_follows_the_resume_rule(tmp_path, checkpoint, capsys):
+    argv = probe_argv(checkpoint, tmp_path, "--precision", "fp32")
+    assert main(argv) == 0
+    (record,) = records(tmp_path / "results.jsonl")
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert {key: record.config[key] for key in saved} == saved and saved["run"]["precision"] == "fp32"
+    assert saved["probe"] == {"pool": "avg", "batch_size": 128, "num_workers": 2} and saved["per_class"] == 5
+    assert json.loads((tmp_path / "run" / "record.json").read_text())["metrics"] == record.metrics
+    assert record.precision == "fp32" == record.compute["precision"] and "cpu_capability" in record.compute
+    capsys.readouterr()
+
+    assert main(argv) == 1  # a finished run is not overwritten
+    assert "holds a run already; pass --resume" in capsys.readouterr().err
+    # Resumed with harmless changes only: its record is reported again, not recomputed nor stored twice.
+    assert main([*argv, "--resume", "--num-workers", "0", "--tags", "x=y"]) == 0
+    assert f"top1 {record.value:.2f}, finished before" in capsys.readouterr().out
+    assert len(records(tmp_path / "results.jsonl")) == 1
+    assert main([*argv, "--resume", "--pool", "token", "--seed", "1"]) == 1  # these change the numbers
+    err = capsys.readouterr().err
+    assert "probe.pool: 'avg' -> 'token'" in err and "run.seed: 0 -> 1" in err and len(err.splitlines()) == 1
+    assert main([*argv[:-2], "--resume", "--precision", "bf16"]) == 1
+    assert "run.precision: 'fp32' -> 'bf16'" in capsys.readouterr().err
+
+    # bf16 is another feature set: the cache keys the precision.
+    assert main(probe_argv(checkpoint, tmp_path, "--precision", "bf16", "--out", str(tmp_path / "bf16"))) == 0
+    assert records(tmp_path / "results.jsonl")[-1].precision == "bf16"
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 6
+
+
+def test_precision_fp32_never_autocasts(tmp_path, checkpoint, monkeypatch):
+    used = []
+    autocast = features.autocast
+    monkeypatch.setattr(features, "autocast", lambda device, dtype: used.append(dtype) or autocast(device, dtype))
+    assert main(probe_argv(checkpoint, tmp_path, "--precision", "fp32")) == 0
+    assert used and set(used) == {None}
+
+
+@pytest.mark.slow
+def test_a_replayed_config_reproduces_the_probe_and_a_fine_tune(tmp_path, checkpoint):
+    store = tmp_path / "results.jsonl"
+    runs = {"linear": ["--per-class", "5"],
+            "finetune": ["--protocol", "finetune", "--per-class", "2", "--epochs", "2", "--batch-size", "8"]}
+    for name, extra in runs.items():
+        first, replay = tmp_path / name, tmp_path / f"{name}_replay"
+        assert main(["digits", "--ckpt", str(checkpoint), "--results", str(store), "--cache-dir",
+                     str(tmp_path / f"cache_{name}"), "--out", str(first), *extra]) == 0
+        # The replay extracts its features again (another cache) and trains again (another folder).
+        assert main(["digits", "--config", str(first / "config.yaml"), "--out", str(replay),
+                     "--cache-dir", str(tmp_path / f"cache_{name}_replay")]) == 0
+        original, replayed = records(store)[-2:]
+        assert replayed.metrics == original.metrics and replayed.precision == original.precision
+        assert replayed.config["preset"] == original.config["preset"]
+        for key in ("regularisation", "history", "grid_val_scores", "finetune"):
+            assert replayed.config.get(key) == original.config.get(key), key
+    assert records(store)[-1].config["grid_val_scores"] != {}  # the embedded grid ran, and ran again
+
+
+@pytest.mark.slow
+def test_an_interrupted_fine_tune_resumes_only_when_asked(tmp_path, checkpoint, monkeypatch, capsys):
+    argv = ["digits", "--ckpt", str(checkpoint), "--protocol", "finetune", "--per-class", "2", "--epochs", "2",
+            "--batch-size", "8", "--base-lr", "1e-2", "--results", str(tmp_path / "r.jsonl"), "--out",
+            str(tmp_path / "run")]
+    train_epoch = FinetuneRun.train_epoch
+
+    def stop_in_epoch_two(self, progress):
+        if self.epoch == 1:
+            raise KeyboardInterrupt
+        return train_epoch(self, progress)
+
+    monkeypatch.setattr(FinetuneRun, "train_epoch", stop_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    monkeypatch.setattr(FinetuneRun, "train_epoch", train_epoch)
+    assert (tmp_path / "run" / "final" / "checkpoint.pth").is_file()
+    capsys.readouterr()
+    assert main(argv) == 1
+    assert "holds a run already; pass --resume" in capsys.readouterr().err
+    assert main([*argv, "--resume", "--epochs", "3"]) == 1
+    assert "recipe.epochs: 2 -> 3" in capsys.readouterr().err
+    assert main([*argv, "--resume", "--num-workers", "1"]) == 0
+    (result,) = records(tmp_path / "r.jsonl")
+    assert [epoch["epoch"] for epoch in result.config["history"]] == [1, 2]
+
+
+# ------------------------------------------------------------------------------- a hierarchical backbone
+
+
+@pytest.fixture(scope="module")
+def resnet_checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("resnet") / "resnet18.safetensors"
+    return save_backbone(path, timm.create_model("resnet18", num_classes=0),
+                         CheckpointMetadata(method="supervised", arch="resnet18"))
+
+
+def test_pooled_features_of_a_hierarchical_backbone_average_its_last_stage():
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=0).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        last_stage = model.forward_intermediates(images, intermediates_only=True)[-1]
+        assert last_stage.shape == (2, 512, 2, 2)
+        torch.testing.assert_close(pooled_features(model, images, "avg"), last_stage.mean(dim=(2, 3)))
+    with pytest.raises(ValueError, match="no class token"):
+        pooled_features(model, images, "token")
+
+
+@pytest.mark.slow
+def test_resnet18_linear_probe_on_digits_end_to_end(tmp_path, resnet_checkpoint, capsys):
+    store = tmp_path / "results.jsonl"
+    assert main(["digits", "--ckpt", str(resnet_checkpoint), "--per-class", "10", "--precision", "fp32",
+                 "--results", str(store), "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run")]) == 0
+    (result,) = records(store)
+    assert result.arch == "resnet18" and result.method == "supervised" and result.protocol == "linear"
+    assert result.config["image_size"] == 224 and result.config["images"] == {"train": 100, "val": 100, "test": 100}
+    assert result.value > 40  # random-init ResNet-18 features of 100 training digits; chance is 10%
+    assert main(["digits", "--ckpt", str(resnet_checkpoint), "--pool", "token", "--out", str(tmp_path / "tok")]) == 1
+    assert "no class token" in capsys.readouterr().err and not (tmp_path / "tok").exists()
+
+
+@pytest.mark.slow
+def test_resnet18_fine_tunes_with_layer_decay_by_stage(tmp_path, resnet_checkpoint):
+    store = tmp_path / "results.jsonl"
+    assert main(["digits", "--ckpt", str(resnet_checkpoint), "--protocol", "finetune", "--per-class", "3",
+                 "--epochs", "2", "--batch-size", "8", "--base-lr", "1e-2", "--results", str(store),
+                 "--out", str(tmp_path / "run")]) == 0
+    (result,) = records(store)
+    assert result.arch == "resnet18" and result.config["finetune"]["image_size"] == 16
+    assert len(result.config["history"]) == 2 and 0 <= result.value <= 100
+
+    recipe = PRESETS["embedded"]
+    model, _ = build_classifier(str(resnet_checkpoint), 10, recipe, seed=0)
+    train = Subset(build_dataset("digits", None, "train", train_transform(recipe, 16)), range(64))
+    run = FinetuneRun(recipe, model, train, train, "top1", False, tmp_path / "direct", Distributed(), num_classes=10)
+    scales = {name: group["lr_scale"] for group in run.optimizer.param_groups for name in group["param_names"]}
+    assert scales["fc.weight"] == 1.0 and scales["conv1.weight"] == pytest.approx(0.75 ** 5)
+    assert scales["layer1.0.conv1.weight"] == pytest.approx(0.75 ** 4)
+    assert scales["layer4.1.conv2.weight"] == pytest.approx(0.75)

@@ -1,26 +1,43 @@
-"""COCO detection and instance segmentation: ViTDet-style Mask R-CNN on our backbones, through Detectron2.
+"""COCO detection and instance segmentation: Mask R-CNN on our backbones, through Detectron2.
 
     python transfer/run.py coco --ckpt mixedae.pth --data-root /datasets/coco --num-gpus 8
     python transfer/run.py coco --ckpt mixedae.pth --data-root /datasets/coco --eval-only --out runs/coco/mixedae
     python transfer/run.py coco --ckpt runs/demo/mae/encoder.safetensors --embedded      # generated set, CPU
+    python transfer/run.py coco --config runs/coco/mixedae/config.yaml --out runs/coco/again   # replay a run
 
-The protocol (Li et al., "Exploring Plain Vision Transformer Backbones for Object Detection", ECCV 2022, as used
-by MAE, RC-MAE and MixedAE): the ViT runs on 1024² inputs with window attention and one global block per quarter
-of its depth, relative position biases; a simple feature pyramid (scales 4, 2, 1, ½) feeds Mask R-CNN with LN in
-its heads; large-scale jitter; AdamW with layer decay. Detectron2's own ``ViT``, ``SimpleFeaturePyramid`` and its
-``common/models/mask_rcnn_vitdet.py`` config build the detector; this module only fills in the architecture from
-the checkpoint, loads the encoder through our loader, and records the six COCO numbers in the results store.
+A ViT follows the ViTDet protocol (Li et al., "Exploring Plain Vision Transformer Backbones for Object
+Detection", ECCV 2022, as used by MAE, RC-MAE and MixedAE): the ViT runs on 1024² inputs with window attention and
+one global block per quarter of its depth, relative position biases; a simple feature pyramid (scales 4, 2, 1, ½)
+feeds Mask R-CNN with LN in its heads; large-scale jitter; AdamW with layer decay. Detectron2's own ``ViT``,
+``SimpleFeaturePyramid`` and its ``common/models/mask_rcnn_vitdet.py`` config build that detector. A hierarchical
+backbone (four stages at strides 4-32, e.g. ResNet or MPViT; see ``mimbench.backbones.contract``) feeds
+Detectron2's own FPN instead, as ``common/models/mask_rcnn_fpn.py`` builds it (frozen batch norm in the
+backbone, ``LastLevelMaxPool`` on top), under the same heads and recipe. This module fills in the architecture
+from the checkpoint, loads the backbone through our loader, and records the six COCO numbers in the results store.
+
+Configuration: ``--preset NAME`` picks the recipe (:data:`PRESETS`), every field of :class:`CocoConfig` is a flag
+of its own name, and ``--config FILE.yaml`` reads a whole configuration (flags override it). The resolved
+configuration is written to the run directory as ``config.yaml``; passing it back with ``--config`` replays the
+run (into a fresh ``--out``, or with ``--eval-only`` to score its detector again). ``--embedded`` is the same as
+``--data-root runs/datasets/coco-embedded --preset embedded_cpu`` after generating that set once
+(``--embedded --data-root DIR`` generates it in DIR). What differs for that set comes from its files: its
+manifest names it ``coco-embedded`` in records and run folders, and its RLE masks are read as bitmasks.
+
+Run directories follow ``mimbench.core.rundir``: one run at a time in each; a folder that holds a run is continued
+with ``--resume`` and refused without it, and a resume whose model or data settings differ from the folder's
+``config.yaml`` stops naming them (:data:`HARMLESS` fields may differ). ``--eval-only`` reads a run: it holds the
+folder's lock and checks its ``config.yaml`` the same way, but writes no configuration of its own.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import functools
 import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import detectron2
@@ -29,14 +46,22 @@ import torch
 import torch.nn as nn
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
-from detectron2.data import (DatasetCatalog, DatasetMapper, MetadataCatalog, build_detection_test_loader,
-                             build_detection_train_loader, get_detection_dataset_dicts)
+from detectron2.data import (
+    DatasetCatalog,
+    DatasetMapper,
+    MetadataCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
 from detectron2.data import transforms as T
 from detectron2.data.datasets import register_coco_instances
 from detectron2.data.detection_utils import read_image
 from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import AMPTrainer, SimpleTrainer, create_ddp_model, default_writers, hooks, launch
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset
+from detectron2.layers import FrozenBatchNorm2d
+from detectron2.modeling.backbone import Backbone
 from detectron2.modeling.backbone.vit import ViT
 from detectron2.solver import LRMultiplier, WarmupParamScheduler
 from detectron2.utils import comm
@@ -45,109 +70,143 @@ from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import Visualizer
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
-from mimbench.backbones.checkpoint import CheckpointError, LoadReport, backbone_from_checkpoint, infer_arch
+from mimbench.backbones.checkpoint import (
+    CheckpointError,
+    LoadReport,
+    backbone_from_checkpoint,
+    infer_arch,
+    read_checkpoint,
+)
+from mimbench.backbones.contract import BackboneContract, backbone_contract
 from mimbench.backbones.layer_decay import layer_decay_param_groups
-from mimbench.backbones.vit import ARCHS
-from mimbench.core.config import add_dataclass_flags, exit_status
+from mimbench.backbones.vit import ARCHS, create_backbone
+from mimbench.core.config import Embedded, RunSpec, config_parser, exit_status, parse_config, to_dict
 from mimbench.core.errors import ConfigError, TrainingDiverged
-from mimbench.core.io import file_sha256, run_environment
-from mimbench.core.runtime import autocast_dtype, peak_memory_gb
-from mimbench.results import Result, append_result, checkpoint_fields
-from mimbench.transfer.coco_data import (coco_layout, subset_split, write_coco_subset,
-                                         write_embedded_coco)
+from mimbench.core.io import file_sha256
+from mimbench.core.rundir import CONFIG_NAME, RunLock, differing_fields, read_config, start_run
+from mimbench.core.runtime import autocast, autocast_dtype, resolve_device
+from mimbench.results import Result, append_result, build_result
+from mimbench.transfer.coco_data import coco_layout, dataset_name, subset_split, write_coco_subset, write_embedded_coco
 
-# Detectron2's own ViTDet Mask R-CNN config, shipped inside its package.
-VITDET_CONFIG = Path(detectron2.__file__).parent / "model_zoo/configs/common/models/mask_rcnn_vitdet.py"
+DETECTRON2_CONFIGS = Path(detectron2.__file__).parent / "model_zoo/configs/common/models"
+# Detectron2's own configs, shipped inside its package: ViTDet's Mask R-CNN (heads, simple pyramid) and the
+# standard FPN Mask R-CNN whose FPN a hierarchical backbone feeds.
+VITDET_CONFIG = DETECTRON2_CONFIGS / "mask_rcnn_vitdet.py"
+FPN_CONFIG = DETECTRON2_CONFIGS / "mask_rcnn_fpn.py"
 # COCOEvaluator's names -> the results store's (tables/layout.py reads AP_bbox ... AP75_segm).
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+HEADLINE = "AP_bbox"
 logger = logging.getLogger("mimbench.coco")
 
 
 @dataclass(frozen=True)
 class DetectionPreset:
-    """A training recipe: data, not code paths. Iteration counts are at ``batch_size``; another batch keeps the
-    epochs (iterations scale inversely) and scales the lr linearly."""
+    """A training recipe: data, not code paths. Iteration counts are at ``total_batch_size``; ``--batch-size`` and
+    ``--max-iter`` rescale them (:func:`effective_recipe`), while setting a field itself takes it as given."""
 
     image_size: int  # LSJ crop, test resize and the pyramid's square padding
-    batch_size: int  # images per iteration over all processes
-    max_iter: int
+    total_batch_size: int  # images per iteration over all processes
+    iterations: int
     lr: float
     weight_decay: float
     layer_decay: float
     drop_path: float
-    window_size: int
+    window_size: int  # ViT: window attention's size, in tokens
     warmup_iters: int
     lr_steps: tuple[int, ...]  # iterations where the lr drops ×0.1
-    lsj_scale: tuple[float, float] = (0.1, 2.0)  # large-scale jitter
-    pyramid_strides: tuple[int, ...] = (4, 8, 16, 32)  # the simple pyramid's levels; a max-pooled one tops them
-    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)  # one per level, the top one included
-    rois_per_image: int = 512  # proposals sampled per image for the box and mask heads
-    head_channels: int = 256  # width of the pyramid and of the RPN, box and mask heads' convolutions
-    box_head_convs: int = 4  # ViTDet's box head: 4 convolutions (LN) and one fc layer
-    box_head_fcs: tuple[int, ...] = (1024,)
-    proposals: tuple[int, int] = (1000, 1000)  # RPN proposals kept per image after NMS (training, test)
-    detections_per_image: int = 100
-    mask_format: str = "polygon"  # COCO ships polygons; the embedded set ships exact RLE masks ("bitmask")
-    checkpoint_period: int = 5000
-    eval_period: int = 0  # 0: evaluate once, at the end
-    log_period: int = 20  # iterations between logged losses (metrics.json, loss_curve.json, TensorBoard)
+    lsj_scale: tuple[float, float]  # large-scale jitter: the resize range, relative to image_size
+    pyramid_strides: tuple[int, ...]  # the pyramid's levels (a max-pooled one tops them); a hierarchical backbone
+    # feeds the FPN its stages at these strides
+    anchor_sizes: tuple[int, ...]  # one per level, the top one included
+    rois_per_image: int  # proposals sampled per image for the box and mask heads
+    head_channels: int  # width of the pyramid and of the RPN, box and mask heads' convolutions
+    box_head_convs: int  # convolutions (LN) before the box head's fc layers
+    box_head_fcs: tuple[int, ...]
+    proposals: tuple[int, int]  # RPN proposals kept per image after NMS (training, test)
+    detections_per_image: int
+    checkpoint_period: int
+    eval_period: int  # 0: evaluate once, at the end
+    log_period: int  # iterations between logged losses (metrics.json, loss_curve.json, TensorBoard)
 
 
-PRESETS: dict[str, DetectionPreset] = {
-    # ViTDet's ViT-B Mask R-CNN, 100 epochs at batch 64 (projects/ViTDet/configs/COCO/mask_rcnn_vitdet_b_100ep.py).
-    "vitdet_b_100ep": DetectionPreset(
-        image_size=1024, batch_size=64, max_iter=184375, lr=1e-4, weight_decay=0.1, layer_decay=0.7,
-        drop_path=0.1, window_size=14, warmup_iters=250, lr_steps=(163889, 177546)),
-    # The embedded 64² scenes on a CPU in minutes: the demo's patch-4 tiny ViTs (16×16 tokens, windows of 8),
-    # a two-level pyramid (strides 4, 8, and 16 max-pooled), anchors for small images, narrow heads (the heads'
-    # convolutions, not the ViT, dominate a CPU step at 256 channels) and the classic two-fc box head, whose
-    # classifier starts separating the shapes after ~40 iterations instead of ~220 for the 4-conv head.
-    "embedded_cpu": DetectionPreset(
-        image_size=64, batch_size=4, max_iter=300, lr=1e-3, weight_decay=0.1, layer_decay=0.9, drop_path=0.0,
-        window_size=8, warmup_iters=30, lr_steps=(240, 280), lsj_scale=(0.5, 1.5), pyramid_strides=(4, 8),
-        anchor_sizes=(16, 32, 64), rois_per_image=32, head_channels=64, box_head_convs=0, box_head_fcs=(256, 256),
-        proposals=(200, 100),
-        detections_per_image=20, mask_format="bitmask", checkpoint_period=100, log_period=5),
-}
+# ViTDet's ViT-B Mask R-CNN, 100 epochs at batch 64: Detectron2's projects/ViTDet/configs/COCO/
+# mask_rcnn_vitdet_b_100ep.py and the configs it imports (projects/ViTDet/configs/common/coco_loader_lsj.py;
+# configs/common/models/mask_rcnn_vitdet.py, models/mask_rcnn_fpn.py, optim.py and train.py).
+VITDET_B_100EP = DetectionPreset(
+    image_size=1024,  # coco_loader_lsj.py: image_size = 1024
+    total_batch_size=64,  # coco_loader_lsj.py: dataloader.train.total_batch_size = 64
+    iterations=184375,  # mask_rcnn_vitdet_b_100ep.py: train.max_iter (100 epochs of 118k images at 64)
+    lr=1e-4, weight_decay=0.1,  # optim.py: AdamW(lr=1e-4, weight_decay=0.1)
+    layer_decay=0.7,  # mask_rcnn_vitdet_b_100ep.py: get_vit_lr_decay_rate(..., lr_decay_rate=0.7)
+    drop_path=0.1, window_size=14,  # mask_rcnn_vitdet.py: drop_path_rate, window_size
+    warmup_iters=250, lr_steps=(163889, 177546),  # mask_rcnn_vitdet_b_100ep.py: warmup_length, milestones
+    lsj_scale=(0.1, 2.0),  # coco_loader_lsj.py: ResizeScale(min_scale=0.1, max_scale=2.0)
+    pyramid_strides=(4, 8, 16, 32),  # mask_rcnn_vitdet.py: scale_factors (4, 2, 1, 0.5) of the stride-16 map
+    anchor_sizes=(32, 64, 128, 256, 512),  # mask_rcnn_fpn.py: anchor_generator.sizes
+    rois_per_image=512,  # mask_rcnn_fpn.py: roi_heads.batch_size_per_image
+    head_channels=256,  # mask_rcnn_vitdet.py: out_channels; mask_rcnn_fpn.py: head widths
+    box_head_convs=4, box_head_fcs=(1024,),  # mask_rcnn_vitdet.py: "4conv1fc box head"
+    proposals=(1000, 1000),  # mask_rcnn_fpn.py: proposal_generator.post_nms_topk
+    detections_per_image=100,  # FastRCNNOutputLayers' test_topk_per_image default
+    checkpoint_period=5000,  # common/train.py: checkpointer.period
+    eval_period=0,  # ours: one evaluation at the end (common/train.py evaluates every 5000 iterations)
+    log_period=20,  # common/train.py: log_period
+)
+
+# The embedded 64² scenes on a CPU in minutes: the demo's patch-4 tiny ViTs (16×16 tokens, windows of 8), a
+# two-level pyramid (strides 4, 8, and 16 max-pooled), anchors for small images, narrow heads (the heads'
+# convolutions, not the ViT, dominate a CPU step at 256 channels) and the classic two-fc box head, whose
+# classifier starts separating the shapes after ~40 iterations instead of ~220 for the 4-conv head. Measured on
+# the 2-core CPU: box AP50 39.1 after the 300 iterations from the demo's 3-epoch MAE encoder.
+EMBEDDED_CPU = dataclasses.replace(
+    VITDET_B_100EP, image_size=64, total_batch_size=4, iterations=300, lr=1e-3, layer_decay=0.9, drop_path=0.0,
+    window_size=8, warmup_iters=30, lr_steps=(240, 280), lsj_scale=(0.5, 1.5), pyramid_strides=(4, 8),
+    anchor_sizes=(16, 32, 64), rois_per_image=32, head_channels=64, box_head_convs=0, box_head_fcs=(256, 256),
+    proposals=(200, 100), detections_per_image=20, checkpoint_period=100, log_period=5)
+
+PRESETS: dict[str, DetectionPreset] = {"vitdet_b_100ep": VITDET_B_100EP, "embedded_cpu": EMBEDDED_CPU}
+
+# --embedded: the generated COCO-format set (written once, at the embedded preset's image size).
+EMBEDDED = Embedded(root="runs/datasets/coco-embedded", preset="embedded_cpu",
+                    make=functools.partial(write_embedded_coco, image_size=EMBEDDED_CPU.image_size))
 
 
 @dataclass
 class CocoConfig:
-    ckpt: str
-    data_root: str | None = None
-    embedded: bool = False  # the generated COCO-format set instead of --data-root
-    preset: str | None = None  # None: vitdet_b_100ep for --data-root, embedded_cpu for --embedded
-    out: str | None = None  # None: runs/transfer/coco[-embedded]/<preset>/<checkpoint>-<sha>
-    which: str = "teacher"  # RC-MAE checkpoints hold student and teacher
-    arch: str | None = None  # None: from the checkpoint's metadata or shapes
-    method: str | None = None  # for foreign checkpoints without metadata (e.g. "mae")
-    batch_size: int | None = None  # None: the preset's; the lr scales linearly with it
-    max_iter: int | None = None  # None: the preset's (scaled for the batch size)
+    run: RunSpec = field(default_factory=RunSpec)  # out None: runs/transfer/<dataset>/<preset>/<checkpoint>-<sha>
+    preset: str = "vitdet_b_100ep"
+    recipe: DetectionPreset = VITDET_B_100EP
+    batch_size: int | None = None  # None: the recipe's; another keeps its epochs and scales the lr linearly
+    max_iter: int | None = None  # None: the recipe's (scaled for the batch size); a shorter run keeps its shape
     eval_only: bool = False
     weights: str | None = None  # --eval-only: a trained detector (default <out>/model_final.pth)
-    resume: bool = False  # continue the run in --out from its last checkpoint
-    embedded_root: str = "runs/datasets/coco-embedded"  # where --embedded generates its set (once)
     num_gpus: int = 1  # processes per machine (Detectron2's launcher; GPUs when there are, else gloo on CPU)
     num_machines: int = 1
     machine_rank: int = 0
     dist_url: str = "auto"  # tcp://<rank-0 host>:<port> for several machines
     num_workers: int = 2
-    # bf16 mixed precision for training: Detectron2's AMP on GPU, autocast on CPUs with native bf16 (elsewhere
-    # a CPU emulates bf16, 5x slower than fp32 for this ViT); --no-amp trains in fp32.
-    amp: bool = True
-    device: str | None = None  # None: cuda when available
     visualize: int = 4  # predictions drawn on this many val images
-    seed: int = 0
-    results: str | None = None  # the results store (default results/results.jsonl or $MIMBENCH_RESULTS)
     # The first N images (by image id) of train2017 and of val2017, for a quick check on the real data: their
     # annotation jsons are written under <out>/subset/ and evaluated as such (training, as always, skips images
     # without annotations); the record is tagged subset=first<N>.
     subset: int | None = None
 
 
+# Fields a resume (or an --eval-only of the run) may change: where and how the run executes, what it logs and when
+# it checkpoints, not the model or the data (out: the folder is the one compared, however it is spelled). max_iter
+# too: a resume may extend a run (the schedule follows the new length).
+HARMLESS = ("resume", "eval_only", "weights", "out", "results", "num_workers", "visualize", "num_gpus",
+            "num_machines", "machine_rank", "dist_url", "log_period", "eval_period", "checkpoint_period", "max_iter")
 
 
 # ----------------------------------------------------------------------------------------------- the detector
+
+
+@functools.cache
+def arch_contract(arch: str) -> BackboneContract:
+    """``arch``'s backbone contract, read off a model built on the meta device (no memory, no random draws)."""
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        return backbone_contract(create_backbone(arch))
 
 
 def global_blocks(depth: int) -> list[int]:
@@ -155,42 +214,94 @@ def global_blocks(depth: int) -> list[int]:
     return [depth // 4 * (quarter + 1) - 1 for quarter in range(4)]
 
 
-def build_detector(arch: str, preset: DetectionPreset, num_classes: int) -> nn.Module:
-    """Detectron2's ViTDet Mask R-CNN with ``arch``'s ViT (a name in :data:`~mimbench.backbones.vit.ARCHS`) and
-    the preset's pyramid levels, anchors and proposal sampling."""
+def simple_pyramid(backbone, arch: str, recipe: DetectionPreset) -> None:
+    """ViTDet's backbone config for ``arch``'s ViT (a name in :data:`~mimbench.backbones.vit.ARCHS`): Detectron2's
+    ViT with windows and relative positions, and a simple feature pyramid at the recipe's strides."""
     spec = ARCHS[arch]
-    scale_factors = tuple(spec["patch_size"] / stride for stride in preset.pyramid_strides)
+    scale_factors = tuple(spec["patch_size"] / stride for stride in recipe.pyramid_strides)
     if not set(scale_factors) <= {4.0, 2.0, 1.0, 0.5}:
         raise ConfigError(f"{arch} (patch {spec['patch_size']}) cannot give the pyramid strides "
-                           f"{preset.pyramid_strides}: a simple feature pyramid rescales the patch grid by 4, 2, 1 "
-                           "or 1/2; choose another --preset")
-    strides = (*preset.pyramid_strides, 2 * preset.pyramid_strides[-1])  # the top level max-pools the last one
+                          f"{recipe.pyramid_strides}: a simple feature pyramid rescales the patch grid by 4, 2, 1 "
+                          "or 1/2; choose another --preset")
+    backbone.scale_factors = scale_factors
+    backbone.net.update(img_size=recipe.image_size, patch_size=spec["patch_size"], embed_dim=spec["embed_dim"],
+                        depth=spec["depth"], num_heads=spec["num_heads"], drop_path_rate=recipe.drop_path,
+                        window_size=recipe.window_size, pretrain_img_size=spec["img_size"],
+                        window_block_indexes=[i for i in range(spec["depth"])
+                                              if i not in global_blocks(spec["depth"])])
+    backbone.square_pad = recipe.image_size
+
+
+class ContractBackbone(Backbone):
+    """A hierarchical backbone as Detectron2's bottom-up network, the way ``build_resnet_backbone`` gives FPN a
+    ResNet: its contract's levels by name, with channels and stride (``output_shape``), and their maps. Batch
+    norm is frozen, as in Detectron2's FPN Mask R-CNN (``norm="FrozenBN"``): a few images per process are too
+    few for batch statistics."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = FrozenBatchNorm2d.convert_frozen_batchnorm(net)
+        self.contract = backbone_contract(self.net)
+        levels = self.contract.feature_info
+        self._out_features = [level.name for level in levels]
+        self._out_feature_channels = {level.name: level.channels for level in levels}
+        self._out_feature_strides = {level.name: level.stride for level in levels}
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return dict(zip(self._out_features, self.contract.features(images)))
+
+
+def feature_pyramid(config, backbone: nn.Module, recipe: DetectionPreset) -> None:
+    """Detectron2's FPN (``mask_rcnn_fpn.py``'s, LastLevelMaxPool on top) over the backbone's stages at the
+    recipe's pyramid strides. The input stays as ViTDet's config has it: RGB with ImageNet's mean and std, as
+    our backbones are trained (``mask_rcnn_fpn.py``'s BGR caffe means suit Detectron2's own ResNets only)."""
+    bottom_up = ContractBackbone(backbone)
+    by_stride = {shape.stride: name for name, shape in bottom_up.output_shape().items()}
+    if not set(recipe.pyramid_strides) <= set(by_stride):
+        raise ConfigError(f"{getattr(backbone, 'arch', type(backbone).__name__)} has levels at strides "
+                          f"{sorted(by_stride)}, not all of the pyramid's {recipe.pyramid_strides}; choose another "
+                          "--preset")
+    config.backbone = LazyConfig.load(str(FPN_CONFIG)).model.backbone
+    config.backbone.bottom_up = bottom_up
+    config.backbone.in_features = [by_stride[stride] for stride in recipe.pyramid_strides]
+
+
+def configure_heads(config, recipe: DetectionPreset, num_classes: int) -> list[str]:
+    """The RPN and ROI heads at the pyramid's levels (the recipe's strides and a max-pooled one over them), with
+    the recipe's anchors, widths and sampling; returns the level names."""
+    strides = (*recipe.pyramid_strides, 2 * recipe.pyramid_strides[-1])  # the top level max-pools the last one
     levels = [f"p{int(math.log2(stride))}" for stride in strides]
-    config = LazyConfig.load(str(VITDET_CONFIG)).model
-    config.backbone.scale_factors = scale_factors
     config.proposal_generator.in_features = levels
-    config.proposal_generator.anchor_generator.update(sizes=[[size] for size in preset.anchor_sizes],
+    config.proposal_generator.anchor_generator.update(sizes=[[size] for size in recipe.anchor_sizes],
                                                       strides=list(strides))
     heads = config.roi_heads
     heads.box_in_features = heads.mask_in_features = levels[:-1]
     heads.box_pooler.scales = heads.mask_pooler.scales = tuple(1 / stride for stride in strides[:-1])
-    heads.batch_size_per_image = preset.rois_per_image
-    heads.box_predictor.test_topk_per_image = preset.detections_per_image
-    config.proposal_generator.update(pre_nms_topk=tuple(2 * n for n in preset.proposals),
-                                     post_nms_topk=preset.proposals)
-    width = preset.head_channels
+    heads.batch_size_per_image = recipe.rois_per_image
+    heads.box_predictor.test_topk_per_image = recipe.detections_per_image
+    config.proposal_generator.update(pre_nms_topk=tuple(2 * n for n in recipe.proposals),
+                                     post_nms_topk=recipe.proposals)
+    width = recipe.head_channels
     config.backbone.out_channels = config.proposal_generator.head.in_channels = width
     heads.box_head.input_shape.channels = heads.mask_head.input_shape.channels = width
-    heads.box_head.update(conv_dims=[width] * preset.box_head_convs, fc_dims=list(preset.box_head_fcs))
-    heads.box_predictor.input_shape.channels = preset.box_head_fcs[-1]
+    heads.box_head.update(conv_dims=[width] * recipe.box_head_convs, fc_dims=list(recipe.box_head_fcs))
+    heads.box_predictor.input_shape.channels = recipe.box_head_fcs[-1]
     heads.mask_head.conv_dims = [width] * 5
-    net = config.backbone.net
-    net.update(img_size=preset.image_size, patch_size=spec["patch_size"], embed_dim=spec["embed_dim"],
-               depth=spec["depth"], num_heads=spec["num_heads"], drop_path_rate=preset.drop_path,
-               window_size=preset.window_size, pretrain_img_size=spec["img_size"],
-               window_block_indexes=[i for i in range(spec["depth"]) if i not in global_blocks(spec["depth"])])
-    config.backbone.square_pad = preset.image_size
     config.roi_heads.num_classes = num_classes
+    return levels
+
+
+def build_detector(arch: str, recipe: DetectionPreset, num_classes: int, backbone: nn.Module | None = None
+                   ) -> nn.Module:
+    """Mask R-CNN for ``arch``: ViTDet's (a simple pyramid over Detectron2's ViT) for a plain backbone, Detectron2's
+    FPN over ``backbone`` (default: ``arch`` randomly initialised) for a hierarchical one; heads from ViTDet's
+    config with the recipe's levels, anchors and proposal sampling."""
+    config = LazyConfig.load(str(VITDET_CONFIG)).model
+    if arch_contract(arch).kind == "plain":
+        simple_pyramid(config.backbone, arch, recipe)
+    else:
+        feature_pyramid(config, backbone or create_backbone(arch, drop_path_rate=recipe.drop_path), recipe)
+    levels = configure_heads(config, recipe, num_classes)
     model = instantiate(config)
     model.backbone.top_block.in_feature = levels[-2]  # an attribute, not an argument, of LastLevelMaxPool
     return model
@@ -218,9 +329,46 @@ def load_encoder(net: ViT, ckpt: str, arch: str, which: str = "teacher") -> Load
     return report
 
 
-def optimizer_for(model: nn.Module, depth: int, preset: DetectionPreset, lr: float) -> torch.optim.Optimizer:
-    """AdamW with layer-wise lr decay (the shared helper: blocks decay, pyramid and heads get the full lr)."""
-    groups = layer_decay_param_groups(model, depth, preset.weight_decay, preset.layer_decay)
+def detector_from_checkpoint(config: CocoConfig, recipe: DetectionPreset, num_classes: int
+                             ) -> tuple[nn.Module, LoadReport]:
+    """The detector with the checkpoint's backbone in it. A ViT's weights go into ViTDet's own ViT after the
+    detector is built; a hierarchical backbone is loaded first and built into the FPN as it is."""
+    run = config.run
+    if arch_contract(run.arch).kind == "plain":
+        model = build_detector(run.arch, recipe, num_classes)
+        return model, load_encoder(model.backbone.net, run.ckpt, run.arch, run.which)
+    backbone, report = backbone_from_checkpoint(run.ckpt, arch=run.arch, which=run.which,
+                                                drop_path_rate=recipe.drop_path)
+    return build_detector(run.arch, recipe, num_classes, backbone), report
+
+
+# Where each detector keeps the backbone's weights: ViTDet's ViT in the simple pyramid, ours under the FPN.
+BACKBONE_PREFIX = {"plain": "backbone.net.", "hierarchical": "backbone.bottom_up.net."}
+
+
+class DetectorLayers:
+    """A backbone contract's layer rules over a whole detector: a parameter under ``prefix`` (the backbone) by the
+    contract, any other (pyramid, heads) the top layer. The contract alone matches a name anywhere in a path, so
+    it would take the RPN's or box head's ``conv1`` for a ResNet stem's."""
+
+    def __init__(self, contract: BackboneContract, prefix: str) -> None:
+        self.contract, self.prefix, self.num_layers = contract, prefix, contract.num_layers
+
+    def layer_id(self, name: str) -> int:
+        if name.startswith(self.prefix):
+            return self.contract.layer_id(name[len(self.prefix):])
+        return self.num_layers + 1
+
+    def no_weight_decay(self, name: str, param: torch.Tensor) -> bool:
+        return self.contract.no_weight_decay(name, param)
+
+
+def optimizer_for(detector: nn.Module, arch: str, recipe: DetectionPreset, lr: float) -> torch.optim.Optimizer:
+    """AdamW with layer-wise lr decay by the backbone's contract (its layers decay; pyramid and heads get the
+    full lr). ``detector`` is the bare model, not its DDP wrapper (the prefix names its own parameters)."""
+    contract = arch_contract(arch)
+    layers = DetectorLayers(contract, BACKBONE_PREFIX[contract.kind])
+    groups = layer_decay_param_groups(detector, layers, recipe.weight_decay, recipe.layer_decay)
     for group in groups:
         group["lr"] = lr * group["lr_scale"]
         del group["param_names"]
@@ -231,8 +379,18 @@ class CPUAutocastTrainer(SimpleTrainer):
     """SimpleTrainer under bf16 autocast on a CPU (Detectron2's AMPTrainer requires CUDA)."""
 
     def run_step(self) -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast(torch.device("cpu"), torch.bfloat16):
             super().run_step()
+
+
+def trainer_for(model: nn.Module, loader, optimizer: torch.optim.Optimizer, device: torch.device,
+                dtype: torch.dtype | None) -> SimpleTrainer:
+    """The trainer of the run's precision: Detectron2's AMP on CUDA, autocast on a CPU, else plain fp32."""
+    if dtype is None:
+        return SimpleTrainer(model, loader, optimizer)
+    if device.type == "cuda":
+        return AMPTrainer(model, loader, optimizer, precision=dtype)
+    return CPUAutocastTrainer(model, loader, optimizer)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -249,17 +407,8 @@ def register_splits(config: CocoConfig, subset_dir: Path | None = None) -> tuple
     With ``config.subset`` the splits are their first N images, written as jsons under ``subset_dir``.
     """
     check_subset(config.subset)
-    if config.subset is not None and subset_dir is None:
-        raise ConfigError("--subset needs a folder for its annotation files (the run's --out)")
-    if config.embedded:
-        root = Path(config.embedded_root)
-        if comm.is_main_process():
-            write_embedded_coco(root, image_size=PRESETS["embedded_cpu"].image_size)
-        comm.synchronize()
-        prefix = "mimbench_embedded"
-    else:
-        root = Path(config.data_root)
-        prefix = f"coco2017@{root.resolve()}"
+    root = Path(config.run.data_root)
+    prefix = f"{dataset_name(root)}@{root.resolve()}"
     splits = list(coco_layout(root).values())
     if config.subset is not None:
         if comm.get_local_rank() == 0:  # one writer per machine; the others wait, then read the same files
@@ -280,23 +429,31 @@ def register_splits(config: CocoConfig, subset_dir: Path | None = None) -> tuple
     return names[0], names[1]
 
 
-def train_loader(name: str, preset: DetectionPreset, batch_size: int, num_workers: int, seed: int):
-    """Large-scale jitter (ViTDet): flip, resize by 0.1-2.0 of the target size, crop a fixed-size window."""
+def mask_format(dataset: list[dict]) -> str:
+    """How the masks are read: COCO ships polygons (RLE only for crowds, which training skips); a set with RLE
+    masks of single objects, like the embedded one, is read as bitmasks (which take polygons too)."""
+    rle = any(isinstance(annotation.get("segmentation"), dict) for record in dataset
+              for annotation in record["annotations"] if not annotation.get("iscrowd", 0))
+    return "bitmask" if rle else "polygon"
+
+
+def train_loader(name: str, recipe: DetectionPreset, batch_size: int, num_workers: int, seed: int):
+    """Large-scale jitter (ViTDet): flip, resize by the recipe's range of the target size, crop a fixed window."""
+    dataset = get_detection_dataset_dicts(name)
     mapper = DatasetMapper(
-        is_train=True, image_format="RGB", use_instance_mask=True, instance_mask_format=preset.mask_format,
+        is_train=True, image_format="RGB", use_instance_mask=True, instance_mask_format=mask_format(dataset),
         recompute_boxes=True,
         augmentations=[T.RandomFlip(horizontal=True),
-                       T.ResizeScale(*preset.lsj_scale, target_height=preset.image_size,
-                                     target_width=preset.image_size),
-                       T.FixedSizeCrop(crop_size=(preset.image_size, preset.image_size), pad=False)])
-    dataset = get_detection_dataset_dicts(name)
+                       T.ResizeScale(*recipe.lsj_scale, target_height=recipe.image_size,
+                                     target_width=recipe.image_size),
+                       T.FixedSizeCrop(crop_size=(recipe.image_size, recipe.image_size), pad=False)])
     return build_detection_train_loader(dataset=dataset, mapper=mapper, total_batch_size=batch_size,
                                         num_workers=num_workers, sampler=TrainingSampler(len(dataset), seed=seed))
 
 
-def test_loader(name: str, preset: DetectionPreset, num_workers: int):
+def test_loader(name: str, recipe: DetectionPreset, num_workers: int):
     mapper = DatasetMapper(is_train=False, image_format="RGB",
-                           augmentations=[T.ResizeShortestEdge(preset.image_size, max_size=preset.image_size)])
+                           augmentations=[T.ResizeShortestEdge(recipe.image_size, max_size=recipe.image_size)])
     return build_detection_test_loader(dataset=get_detection_dataset_dicts(name, filter_empty=False),
                                        mapper=mapper, num_workers=num_workers)
 
@@ -312,14 +469,14 @@ def store_metrics(results: dict[str, dict[str, float]]) -> dict[str, float]:
             for name in COCO_METRICS if np.isfinite(results[task].get(name, float("nan")))}
 
 
-def evaluate(model: nn.Module, name: str, preset: DetectionPreset, out: Path, num_workers: int) -> dict:
+def evaluate(model: nn.Module, name: str, recipe: DetectionPreset, out: Path, num_workers: int) -> dict:
     """Box and mask AP on ``name`` by COCOEvaluator (pycocotools)."""
     evaluator = COCOEvaluator(name, tasks=("bbox", "segm"), output_dir=str(out / "inference"),
                               use_fast_impl=False)  # the fast path needs Detectron2's compiled ops
-    return inference_on_dataset(model, test_loader(name, preset, num_workers), evaluator)
+    return inference_on_dataset(model, test_loader(name, recipe, num_workers), evaluator)
 
 
-def save_visualizations(model: nn.Module, name: str, preset: DetectionPreset, out: Path, count: int,
+def save_visualizations(model: nn.Module, name: str, recipe: DetectionPreset, out: Path, count: int,
                         score_threshold: float = 0.5) -> list[Path]:
     """Predictions above ``score_threshold`` drawn on the first ``count`` val images."""
     metadata, saved = MetadataCatalog.get(name), []
@@ -327,7 +484,7 @@ def save_visualizations(model: nn.Module, name: str, preset: DetectionPreset, ou
     folder.mkdir(parents=True, exist_ok=True)
     model.eval()
     with torch.no_grad():
-        for index, batch in enumerate(test_loader(name, preset, num_workers=0)):
+        for index, batch in enumerate(test_loader(name, recipe, num_workers=0)):
             if index >= count:
                 break
             item = batch[0]
@@ -344,130 +501,121 @@ def save_visualizations(model: nn.Module, name: str, preset: DetectionPreset, ou
 # ----------------------------------------------------------------------------------------------- the run
 
 
-def resolve_preset(config: CocoConfig) -> tuple[str, DetectionPreset]:
-    """The preset with --batch-size (same epochs, linear lr) and --max-iter applied."""
-    name = config.preset or ("embedded_cpu" if config.embedded else "vitdet_b_100ep")
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    preset = PRESETS[name]
-    if config.batch_size and config.batch_size != preset.batch_size:
-        scale = preset.batch_size / config.batch_size
-        preset = dataclasses.replace(
-            preset, batch_size=config.batch_size, lr=preset.lr / scale, max_iter=round(preset.max_iter * scale),
-            warmup_iters=round(preset.warmup_iters * scale), lr_steps=tuple(round(s * scale) for s in preset.lr_steps),
-            checkpoint_period=max(1, round(preset.checkpoint_period * scale)))
+def effective_recipe(config: CocoConfig) -> DetectionPreset:
+    """The recipe with --batch-size (same epochs, linear lr) and --max-iter (same schedule shape) applied; a
+    ConfigError for a schedule that does not fit its length."""
+    recipe = config.recipe
+    if config.batch_size and config.batch_size != recipe.total_batch_size:
+        scale = recipe.total_batch_size / config.batch_size
+        recipe = dataclasses.replace(
+            recipe, total_batch_size=config.batch_size, lr=recipe.lr / scale,
+            iterations=round(recipe.iterations * scale), warmup_iters=round(recipe.warmup_iters * scale),
+            lr_steps=tuple(round(s * scale) for s in recipe.lr_steps),
+            checkpoint_period=max(1, round(recipe.checkpoint_period * scale)))
     if config.max_iter is not None:  # a shorter run keeps the schedule's shape
-        scale = config.max_iter / preset.max_iter
-        preset = dataclasses.replace(
-            preset, max_iter=config.max_iter, warmup_iters=round(preset.warmup_iters * scale),
-            lr_steps=tuple(sorted({min(round(s * scale), config.max_iter - 1) for s in preset.lr_steps})),
-            checkpoint_period=min(preset.checkpoint_period, config.max_iter))
-    return name, preset
+        scale = config.max_iter / recipe.iterations
+        recipe = dataclasses.replace(
+            recipe, iterations=config.max_iter, warmup_iters=round(recipe.warmup_iters * scale),
+            lr_steps=tuple(sorted({min(round(s * scale), config.max_iter - 1) for s in recipe.lr_steps})),
+            checkpoint_period=min(recipe.checkpoint_period, config.max_iter))
+    steps = recipe.lr_steps
+    if recipe.iterations < 1 or list(steps) != sorted(set(steps)) or (steps and steps[-1] >= recipe.iterations):
+        raise ConfigError(f"a schedule of {recipe.iterations} iterations cannot drop the lr at {list(steps)}: give "
+                          "increasing --lr-steps below the run's length (or --max-iter, which rescales them)")
+    return recipe
 
 
-def default_out(config: CocoConfig, preset_name: str, sha256: str) -> Path:
-    dataset = "coco-embedded" if config.embedded else "coco"
+def default_out(config: CocoConfig, sha256: str) -> Path:
     subset = f"-first{config.subset}" if config.subset is not None else ""  # never mixed with a full run's
-    return Path("runs/transfer") / dataset / preset_name / f"{Path(config.ckpt).stem}-{sha256[:8]}{subset}"
+    return (Path("runs/transfer") / dataset_name(config.run.data_root) / config.preset /
+            f"{Path(config.run.ckpt).stem}-{sha256[:8]}{subset}")
 
 
 def run_coco(config: CocoConfig) -> Result | None:
-    """Train (or only evaluate) the detector and append one record to the results store (on the main process)."""
+    """Train (or only evaluate) the detector and append one record to the results store (on the main process).
+    ``config`` is :func:`prepare`'s: the arch and the run directory are filled in."""
     started = time.perf_counter()
-    preset_name, preset = resolve_preset(config)
-    sha256 = file_sha256(config.ckpt)
-    out = Path(config.out) if config.out else default_out(config, preset_name, sha256)
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    run, recipe, out = config.run, effective_recipe(config), Path(config.run.out)
+    device = resolve_device(run.device)
+    dtype = None if config.eval_only else autocast_dtype(device, run.precision)  # evaluation runs in fp32
     if comm.is_main_process():
-        out.mkdir(parents=True, exist_ok=True)
         setup_logger(str(out), distributed_rank=comm.get_rank(), name="detectron2")
         setup_logger(str(out), distributed_rank=comm.get_rank(), name="mimbench")
-    seed_all_rng(config.seed + comm.get_rank())
+    seed_all_rng(run.seed + comm.get_rank())
     train_name, val_name = register_splits(config, out / "subset")
     DatasetCatalog.get(val_name)  # reading the (smaller) val json sets the categories both splits share
     num_classes = len(MetadataCatalog.get(val_name).thing_classes)
 
-    arch = config.arch or infer_arch(config.ckpt, config.which)
-    model = build_detector(arch, preset, num_classes).to(device)
-    report = load_encoder(model.backbone.net, config.ckpt, arch, config.which)
+    model, report = detector_from_checkpoint(config, recipe, num_classes)
+    model = model.to(device)
     logger.info("backbone: %s", report.summary())
-    # On a CPU, DDP takes no device ids (Detectron2's helper would pass the local rank).
+    # On a CPU, DDP takes no device ids (Detectron2's helper would pass the local rank). Backbone stages above
+    # the FPN's levels get no gradient; DDP must then not wait for them.
+    bottom_up = getattr(model.backbone, "bottom_up", None)
+    unused_stages = bottom_up is not None and len(model.backbone.in_features) < len(bottom_up.output_shape())
     model = create_ddp_model(model, broadcast_buffers=False,
-                             device_ids=[comm.get_local_rank()] if device.type == "cuda" else None)
+                             device_ids=[comm.get_local_rank()] if device.type == "cuda" else None,
+                             find_unused_parameters=unused_stages and comm.get_world_size() > 1)
 
     if config.eval_only:
-        weights = Path(config.weights) if config.weights else out / "model_final.pth"
-        if not weights.is_file():
-            raise ConfigError(f"--eval-only: no trained detector at {weights}; train one first or pass --weights")
-        DetectionCheckpointer(model).load(str(weights))
+        DetectionCheckpointer(model).load(str(trained_weights(config)))
     else:
-        train(model, config, preset, train_name, val_name, device, out, len(report.loaded))
+        train(model, config, recipe, train_name, val_name, device, dtype, len(report.loaded))
 
-    results = evaluate(model, val_name, preset, out, config.num_workers)
+    results = evaluate(model, val_name, recipe, out, config.num_workers)
     if not comm.is_main_process():
         return None
     if config.visualize:
-        save_visualizations(model, val_name, preset, out, config.visualize)
+        save_visualizations(model, val_name, recipe, out, config.visualize)
     metrics = store_metrics(results)
-    dataset = "coco-embedded" if config.embedded else "coco"
-    found = checkpoint_fields(config.ckpt, report.metadata, sha256, method=config.method, arch=arch)
-    result = Result(
-        task="detection", dataset=dataset, protocol="mask-rcnn", metric="AP_bbox", value=metrics.get("AP_bbox", 0.0),
-        metrics=metrics, seed=config.seed,
-        tags={"subset": f"first{config.subset}"} if config.subset is not None else {},
-        config={**asdict(config), "preset_name": preset_name, "preset": asdict(preset), "arch": arch,
-                "out": str(out), "processes": comm.get_world_size()},
-        wall_time_s=round(time.perf_counter() - started, 1), peak_memory_gb=round(peak_memory_gb(device), 3),
-        **found, **run_environment(device))
-    store = append_result(result, config.results)
+    metrics.setdefault(HEADLINE, 0.0)  # no detection at all: Detectron2 reports NaN, the record AP 0
+    dataset = dataset_name(run.data_root)
+    result = build_result(
+        task="detection", dataset=dataset, protocol="mask-rcnn", metric=HEADLINE, metrics=metrics,
+        checkpoint=run.ckpt, metadata=report.metadata, sha256=None, method=run.method, arch=run.arch,
+        seed=run.seed, config={**to_dict(config), "resolved_recipe": asdict(recipe),
+                               "processes": comm.get_world_size()},
+        started=started, device=device, dtype=dtype,
+        tags={"subset": f"first{config.subset}"} if config.subset is not None else {})
+    store = append_result(result, run.results)
     summary = ", ".join(f"{k} {v:.1f}" for k, v in metrics.items() if k.startswith(("AP_", "AP50_", "AP75_")))
     print(f"COCO Mask R-CNN ({dataset}): {summary} -> {store}", flush=True)
     return result
 
 
-def train(model: nn.Module, config: CocoConfig, preset: DetectionPreset, train_name: str, val_name: str,
-          device: torch.device, out: Path, encoder_tensors: int) -> None:
-    """Detectron2's trainer and hooks; resumes from ``out``'s last checkpoint with --resume."""
-    world_size = comm.get_world_size()
-    if preset.batch_size % world_size:
-        raise ConfigError(f"batch size {preset.batch_size} does not split over {world_size} processes")
-    depth = len(model.module.backbone.net.blocks if hasattr(model, "module") else model.backbone.net.blocks)
-    optimizer = optimizer_for(model, depth, preset, preset.lr)
-    loader = train_loader(train_name, preset, preset.batch_size, config.num_workers, config.seed)
-    if config.amp and device.type == "cuda":
-        trainer = AMPTrainer(model, loader, optimizer, precision=torch.bfloat16)
-    elif config.amp and autocast_dtype(device) is not None:
-        trainer = CPUAutocastTrainer(model, loader, optimizer)
-    else:
-        trainer = SimpleTrainer(model, loader, optimizer)
-    steps = [1.0 * 0.1 ** i for i in range(len(preset.lr_steps) + 1)]
+def train(model: nn.Module, config: CocoConfig, recipe: DetectionPreset, train_name: str, val_name: str,
+          device: torch.device, dtype: torch.dtype | None, encoder_tensors: int) -> None:
+    """Detectron2's trainer and hooks; resumes from the run directory's last checkpoint with --resume."""
+    out, world_size = Path(config.run.out), comm.get_world_size()
+    optimizer = optimizer_for(getattr(model, "module", model), config.run.arch, recipe, recipe.lr)
+    loader = train_loader(train_name, recipe, recipe.total_batch_size, config.num_workers, config.run.seed)
+    trainer = trainer_for(model, loader, optimizer, device, dtype)
+    steps = [1.0 * 0.1 ** i for i in range(len(recipe.lr_steps) + 1)]
     schedule = WarmupParamScheduler(
-        MultiStepParamScheduler(steps, milestones=list(preset.lr_steps), num_updates=preset.max_iter),
-        warmup_factor=0.001, warmup_length=preset.warmup_iters / preset.max_iter)
-    scheduler = LRMultiplier(optimizer, multiplier=schedule, max_iter=preset.max_iter)
+        MultiStepParamScheduler(steps, milestones=list(recipe.lr_steps), num_updates=recipe.iterations),
+        warmup_factor=0.001, warmup_length=recipe.warmup_iters / recipe.iterations)
+    scheduler = LRMultiplier(optimizer, multiplier=schedule, max_iter=recipe.iterations)
     # The trainer's state holds the iteration, the optimizer, the grad scaler and the hooks' (the scheduler's).
     checkpointer = DetectionCheckpointer(model, str(out), trainer=trainer)
-    if checkpointer.has_checkpoint() and not config.resume:
-        raise ConfigError(f"{out} holds a run already; pass --resume to continue it, or another --out")
     start_iter = 0
-    if config.resume and checkpointer.has_checkpoint():
+    if config.run.resume and checkpointer.has_checkpoint():
         checkpointer.resume_or_load("", resume=True)
         start_iter = trainer.iter + 1
 
-    evaluation = (lambda: evaluate(model, val_name, preset, out, config.num_workers))
+    evaluation = (lambda: evaluate(model, val_name, recipe, out, config.num_workers))
     trainer.register_hooks([
         hooks.IterationTimer(),
         hooks.LRScheduler(scheduler=scheduler),
-        hooks.PeriodicCheckpointer(checkpointer, preset.checkpoint_period, max_iter=preset.max_iter,
+        hooks.PeriodicCheckpointer(checkpointer, recipe.checkpoint_period, max_iter=recipe.iterations,
                                    max_to_keep=2) if comm.is_main_process() else None,
-        hooks.EvalHook(preset.eval_period, evaluation) if preset.eval_period else None,
-        hooks.PeriodicWriter(default_writers(str(out), preset.max_iter), period=preset.log_period)
+        hooks.EvalHook(recipe.eval_period, evaluation) if recipe.eval_period else None,
+        hooks.PeriodicWriter(default_writers(str(out), recipe.iterations), period=recipe.log_period)
         if comm.is_main_process() else None,
     ])
     logger.info("training %d iterations at batch %d (%d processes), lr %.2e; backbone %d tensors from %s",
-                preset.max_iter, preset.batch_size, world_size, preset.lr, encoder_tensors, config.ckpt)
+                recipe.iterations, recipe.total_batch_size, world_size, recipe.lr, encoder_tensors, config.run.ckpt)
     try:
-        trainer.train(start_iter, preset.max_iter)
+        trainer.train(start_iter, recipe.iterations)
     except FloatingPointError as error:  # Detectron2 stops on a non-finite loss; checkpoints on disk are kept
         raise TrainingDiverged(f"{error}; the last good checkpoint is in {out} (--resume continues from it)") \
             from error
@@ -490,36 +638,77 @@ def loss_curve(metrics_file: Path) -> list[dict[str, float]]:
 
 
 def parse_args(argv: list[str] | None) -> CocoConfig:
-    parser = argparse.ArgumentParser(prog="transfer/run.py coco", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataclass_flags(parser, CocoConfig)
-    args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    if "ckpt" not in args:
+    """The resolved configuration (``mimbench.core.config.parse_config``); --ckpt and the data are required."""
+    prog = "transfer/run.py coco"
+    parser = config_parser(CocoConfig, prog, __doc__, PRESETS, EMBEDDED)
+    parser.add_argument("--no-amp", dest="precision", action="store_const", const="fp32",
+                        help="the same as --precision fp32")
+    config = parse_config(CocoConfig, argv, prog=prog, presets=PRESETS, default_preset=CocoConfig.preset,
+                          embedded=EMBEDDED, parser=parser)
+    if not config.run.ckpt:
         parser.error("--ckpt is required (a checkpoint file: ours, official MAE / RC-MAE, timm, MMPretrain, ...)")
-    if bool(args.get("data_root")) == bool(args.get("embedded")):
+    if not config.run.data_root:
         parser.error("pass either --data-root DIR (COCO 2017: annotations/instances_{train,val}2017.json, "
                      "train2017/, val2017/) or --embedded (the small generated set for a CPU)")
-    return CocoConfig(**args)
-
-
-def check_inputs(config: CocoConfig) -> CocoConfig:
-    """Bad input fails here, in the launching process, with one line (not once per spawned worker); the
-    config comes back with the checkpoint's arch filled in, so the workers need not read the file for it."""
-    resolve_preset(config)
-    check_subset(config.subset)
-    if config.data_root:
-        coco_layout(config.data_root)
-    if config.arch is None:  # reads the checkpoint: a missing, corrupt or foreign file fails here
-        config = dataclasses.replace(config, arch=infer_arch(config.ckpt, config.which))
     return config
 
 
-def main(argv: list[str] | None = None) -> int:
-    config = parse_args(argv)
+def trained_weights(config: CocoConfig) -> Path:
+    return Path(config.weights) if config.weights else Path(config.run.out) / "model_final.pth"
 
+
+def prepare(config: CocoConfig) -> CocoConfig:
+    """Check the run in the launching process, where bad input fails with one line (not once per spawned worker):
+    the checkpoint first (the loader's error, before it is hashed or anything is written), then the recipe, the
+    data, the precision and the weights to evaluate. Returns the config with the checkpoint's arch and the run
+    directory filled in, as ``config.yaml`` records them."""
+    run = config.run
+    if run.arch is None:
+        run = dataclasses.replace(run, arch=infer_arch(run.ckpt, run.which))
+    else:
+        read_checkpoint(run.ckpt)
+    recipe = effective_recipe(config)
+    check_subset(config.subset)
+    coco_layout(run.data_root)
+    autocast_dtype(resolve_device(run.device), run.precision)
+    processes = config.num_gpus * config.num_machines
+    if recipe.total_batch_size % processes:
+        raise ConfigError(f"batch size {recipe.total_batch_size} does not split over {processes} processes")
+    if run.out is None:
+        run = dataclasses.replace(run, out=str(default_out(config, file_sha256(run.ckpt))))
+    config = dataclasses.replace(config, run=run)
+    if config.eval_only and not trained_weights(config).is_file():
+        raise ConfigError(f"--eval-only: no trained detector at {trained_weights(config)}; train one first or pass "
+                          "--weights")
+    return config
+
+
+def hold_run_dir(config: CocoConfig) -> RunLock:
+    """The run directory's lock, under the resume rule of ``mimbench.core.rundir``; ``--eval-only`` reads a run, so
+    it compares the folder's ``config.yaml`` (where there is one) but writes none."""
+    out, settings = Path(config.run.out), to_dict(config)
+    if not config.eval_only:
+        return start_run(out, settings, resume=config.run.resume, holds_run=(out / "last_checkpoint").is_file(),
+                         harmless=HARMLESS)
+    lock = RunLock(out).acquire()
+    saved = out / CONFIG_NAME
+    differ = differing_fields(read_config(saved), settings, HARMLESS) if saved.is_file() else []
+    if differ:
+        lock.release()
+        raise ConfigError(f"--eval-only: {out} holds a detector trained with other settings ({'; '.join(differ)}); "
+                          f"evaluate it with its own configuration (--config {saved})")
+    return lock
+
+
+def main(argv: list[str] | None = None) -> int:
     def launch_run() -> None:
-        checked = check_inputs(config)
-        launch(run_coco, checked.num_gpus, num_machines=checked.num_machines, machine_rank=checked.machine_rank,
-               dist_url=checked.dist_url, args=(checked,))
+        config = prepare(parse_args(argv))
+        lock = hold_run_dir(config) if config.machine_rank == 0 else None  # one holder: the first machine's
+        try:
+            launch(run_coco, config.num_gpus, num_machines=config.num_machines, machine_rank=config.machine_rank,
+                   dist_url=config.dist_url, args=(config,))
+        finally:
+            if lock is not None:
+                lock.release()
 
     return exit_status(launch_run)

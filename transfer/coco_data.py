@@ -9,7 +9,9 @@ Layout (``--data-root``)::
     <root>/val2017/*.jpg
 
 The embedded set (``--embedded``) has the same layout with PNG images and run-length-encoded masks, so both go
-through the same Detectron2 registration, loader and COCOEvaluator.
+through the same Detectron2 registration, loader and COCOEvaluator. Beside them it writes a manifest,
+``<root>/mimbench_dataset.json``, that names the set (``coco-embedded``) for records and run folders; a root
+without one is ``coco``.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ SPLITS = ("train2017", "val2017")
 EXPECTED_LAYOUT = ("<root>/annotations/instances_{train,val}2017.json and the images in <root>/train2017/ and "
                    "<root>/val2017/ (COCO 2017 from cocodataset.org: train2017.zip, val2017.zip, "
                    "annotations_trainval2017.zip, unpacked into one folder)")
-
-
+MANIFEST = "mimbench_dataset.json"
+EMBEDDED_NAME = "coco-embedded"
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,12 @@ def coco_layout(root: str | os.PathLike) -> dict[str, CocoSplit]:
     if missing:
         raise DatasetError(f"COCO data root {root} lacks {', '.join(missing)}; expected {EXPECTED_LAYOUT}")
     return splits
+
+
+def dataset_name(root: str | os.PathLike) -> str:
+    """The data set's name in records and run folders: its manifest's, else ``coco``."""
+    manifest = Path(root) / MANIFEST
+    return json.loads(manifest.read_text())["dataset"] if manifest.is_file() else "coco"
 
 
 def subset_document(document: dict, count: int) -> dict:
@@ -104,7 +112,8 @@ def write_embedded_coco(root: str | os.PathLike, image_size: int = 128, seed: in
     """Generate the embedded COCO-format set under ``root`` (once: a complete set is reused) and return ``root``.
 
     Scenes are photo crops with disjoint pasted objects of :data:`~mimbench.transfer.scenes.CATEGORIES`; the
-    split's scenes use distinct scene indices, so train and val never share an image.
+    split's scenes use distinct scene indices, so train and val never share an image. The manifest naming the
+    set is written last (also beside a set generated before manifests existed).
     """
     root = Path(root)
     sizes = sizes or EMBEDDED_SIZES
@@ -124,6 +133,9 @@ def write_embedded_coco(root: str | os.PathLike, image_size: int = 128, seed: in
             document = {"info": {"description": f"mimbench embedded scenes, seed {seed}"}, "images": images,
                         "annotations": annotations, "categories": categories}
             json_file.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(json_file, lambda tmp: tmp.write_text(json.dumps(document)))
+            atomic_write(json_file, lambda tmp, text=json.dumps(document): tmp.write_text(text))
         first_scene += count
+    if not (root / MANIFEST).is_file():
+        manifest = {"dataset": EMBEDDED_NAME, "generator": "mimbench.transfer.coco_data.write_embedded_coco"}
+        atomic_write(root / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest)))
     return root

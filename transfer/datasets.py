@@ -17,9 +17,9 @@ from __future__ import annotations
 import os
 import warnings
 import xml.etree.ElementTree as ElementTree
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -101,7 +101,7 @@ def read_rgb(source: Path | str | np.ndarray) -> Image.Image | None:
             return image.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         # One bad file among a hundred thousand should cost one sample, not the whole job.
-        warnings.warn(f"{source}: cannot read image ({error}); skipped")
+        warnings.warn(f"{source}: cannot read image ({error}); skipped", stacklevel=2)
         return None
 
 
