@@ -156,6 +156,12 @@ def save_backbone(
 # ----------------------------------------------------------------------------------------------- reading
 
 
+def check_checkpoint(path: str | os.PathLike | None) -> None:
+    """The loader's one-line :class:`CheckpointError` now if ``path`` cannot be read (None: nothing to check)."""
+    if path is not None:
+        read_checkpoint(path)
+
+
 def _is_safetensors(path: Path) -> bool:
     """A safetensors file starts with an 8-byte header length followed by a JSON object."""
     with open(path, "rb") as f:

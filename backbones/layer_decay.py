@@ -4,8 +4,9 @@ Layer ``l`` of ``L`` gets lr scale ``decay ** (L + 1 - l)``: the stem or embeddi
 block ``i`` (layer ``i + 1``) or hierarchical stage ``k`` (layer ``k + 1``) in between, everything after the backbone
 (final norm, necks, detection/segmentation heads) scale 1 — BEiT/MAE's rule (Bao et al. 2022; He et al. 2022,
 ``util/lr_decay.py``). The contract also names the parameters without weight decay: norms, biases and, for a ViT,
-position embeddings and tokens. Names are matched anywhere in a parameter's path, so a backbone wrapped by an
-adapter (``backbone.net.blocks.3.attn.qkv.weight``) is grouped like a bare one.
+position embeddings and tokens. A backbone wrapped by an adapter is named by its prefix (``backbone.net.``): the
+parameters under it are grouped by the contract, all others (pyramid, heads) are the top layer; without a prefix
+the contract matches names anywhere in a path (``backbone.net.blocks.3.attn.qkv.weight`` as ``blocks.3...``).
 """
 
 from __future__ import annotations
@@ -16,15 +17,17 @@ from mimbench.backbones.contract import LayerRules, ViTLayers
 
 
 def layer_decay_param_groups(
-    model: nn.Module, contract: LayerRules | int, weight_decay: float, layer_decay: float
+    model: nn.Module, contract: LayerRules | int, weight_decay: float, layer_decay: float,
+    backbone_prefix: str | None = None,
 ) -> list[dict]:
     """Optimizer param groups of ``model``'s trainable parameters with ``lr_scale`` (read by timm's schedulers and
     ours) and ``weight_decay``.
 
     ``model`` is the module whose parameters are grouped: the backbone itself, or a detector or segmentor wrapping
     it. ``contract`` is the backbone's (``backbone_contract(backbone)``, or any :class:`LayerRules` derived from
-    it); a ViT's depth (an int) is accepted too and stands for :class:`ViTLayers` of that depth. Each group also
-    lists its ``param_names`` so a run can log exactly what was decayed.
+    it); a ViT's depth (an int) is accepted too and stands for :class:`ViTLayers` of that depth.
+    ``backbone_prefix`` names the backbone's parameters inside ``model`` (see the module docstring). Each group
+    also lists its ``param_names`` so a run can log exactly what was decayed.
     """
     rules = ViTLayers(contract) if isinstance(contract, int) else contract
     top = rules.num_layers + 1
@@ -32,7 +35,10 @@ def layer_decay_param_groups(
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        layer_id = rules.layer_id(name)
+        if backbone_prefix is None:
+            layer_id = rules.layer_id(name)
+        else:
+            layer_id = rules.layer_id(name.removeprefix(backbone_prefix)) if name.startswith(backbone_prefix) else top
         decays = not rules.no_weight_decay(name, param)
         group = groups.setdefault(
             (layer_id, decays),

@@ -19,8 +19,8 @@ import timm
 import torch
 from torch.utils.data import TensorDataset
 
-from mimbench.core.runtime import autocast_dtype
 from mimbench.backbones.vit import ARCHS, create_backbone
+from mimbench.core.runtime import autocast_dtype
 from mimbench.transfer.features import extract_features
 
 

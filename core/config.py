@@ -159,15 +159,18 @@ def config_parser(config_class: type, prog: str, description: str | None,
 
 def parse_config(config_class: type, argv: list[str] | None, *, prog: str, description: str | None = None,
                  presets: Mapping[str, Any] | None = None, default_preset: str | None = None,
-                 embedded: Embedded | None = None, parser: argparse.ArgumentParser | None = None) -> Any:
-    """The resolved configuration of one run (see the module docstring for the order)."""
+                 embedded: Embedded | None = None, parser: argparse.ArgumentParser | None = None,
+                 before_data: Callable[[Any], object] | None = None) -> Any:
+    """The resolved configuration of one run (see the module docstring for the order).
+
+    ``before_data(config)`` runs before ``--embedded`` writes its set: the checks that must fail first (a bad
+    checkpoint is reported before anything is written)."""
     parser = parser or config_parser(config_class, prog, description, presets, embedded)
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     config_file, preset, use_embedded = args.pop("config", None), args.pop("preset", None), args.pop("embedded", False)
     config = from_dict(config_class, _read(config_file), config_file) if config_file else config_class()
     if use_embedded:
         args["data_root"] = args.get("data_root") or embedded.root
-        embedded.make(Path(args["data_root"]))
         preset = preset or embedded.preset
     if presets:
         preset = preset or (None if config_file else default_preset)
@@ -175,7 +178,12 @@ def parse_config(config_class: type, argv: list[str] | None, *, prog: str, descr
             if preset not in presets:
                 raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(presets)}")
             config = dataclasses.replace(config, preset=preset, recipe=presets[preset])
-    return with_overrides(config, args)
+    config = with_overrides(config, args)
+    if use_embedded:
+        if before_data is not None:
+            before_data(config)
+        embedded.make(Path(args["data_root"]))
+    return config
 
 
 def _read(path: str) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from mimbench.core.errors import ConfigError, RunDirBusy
+from mimbench.core.errors import ConfigError, RunDirBusy, UserError
 from mimbench.core.io import atomic_write, utc_now
 
 LOCK_NAME = ".lock"
@@ -151,4 +151,26 @@ def start_run(folder: str | os.PathLike, config: Mapping[str, Any], *, resume: b
     except BaseException:
         lock.release()
         raise
+    return lock
+
+
+def start_run_on_rank0(world_size: int, rank: int, folder: str | os.PathLike, config: Mapping[str, Any], *,
+                       resume: bool, holds_run: bool, harmless: Iterable[str] = ()) -> RunLock | None:
+    """:func:`start_run` in the first process only (the lock is the run's, not each rank's); with several
+    processes, every rank stops with the first one's refusal instead of waiting for it in a collective."""
+    lock, refusal = None, None
+    if rank == 0:
+        try:
+            lock = start_run(folder, config, resume=resume, holds_run=holds_run, harmless=harmless)
+        except UserError as error:
+            refusal = error
+    if world_size > 1:
+        import torch.distributed as dist
+
+        verdict = [None if refusal is None else str(refusal)]
+        dist.broadcast_object_list(verdict, src=0)
+        if verdict[0] is not None and refusal is None:
+            refusal = ConfigError(verdict[0])
+    if refusal is not None:
+        raise refusal
     return lock

@@ -47,9 +47,9 @@ from tqdm import tqdm
 from mimbench.backbones.checkpoint import CheckpointMetadata, read_checkpoint, save_backbone
 from mimbench.backbones.vit import ARCHS
 from mimbench.core.config import RunSpec, from_dict, to_dict
-from mimbench.core.errors import ConfigError, DatasetError, TrainingDiverged, UserError
+from mimbench.core.errors import ConfigError, DatasetError, TrainingDiverged
 from mimbench.core.io import atomic_write, git_commit
-from mimbench.core.rundir import RunLock, start_run
+from mimbench.core.rundir import RunLock, start_run_on_rank0
 from mimbench.core.runtime import (
     autocast,
     autocast_dtype,
@@ -244,21 +244,9 @@ class Trainer:
     def take_run_directory(self) -> RunLock | None:
         """Rank 0 locks ``out`` and applies the resume rule; the other ranks stop with its one line if it refuses,
         before any of them reads a checkpoint."""
-        lock, refusal = None, None
-        if self.dist.is_main:
-            try:
-                lock = start_run(self.out, to_dict(self.config), resume=self.config.run.resume,
-                                 holds_run=self.holds_run(), harmless=HARMLESS_ON_RESUME)
-            except UserError as error:
-                refusal = error
-        if self.dist.world_size > 1:
-            verdict = [str(refusal) if refusal else None]
-            dist.broadcast_object_list(verdict, src=0)
-            if verdict[0] is not None and refusal is None:
-                refusal = ConfigError(verdict[0])
-        if refusal is not None:
-            raise refusal
-        return lock
+        return start_run_on_rank0(self.dist.world_size, self.dist.rank, self.out, to_dict(self.config),
+                                  resume=self.config.run.resume, holds_run=self.holds_run(),
+                                  harmless=HARMLESS_ON_RESUME)
 
     def resume(self) -> Path | None:
         """Continue from the newest checkpoint in ``out/checkpoints`` if there is one."""

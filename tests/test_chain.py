@@ -15,6 +15,17 @@ import torch
 from mimbench import chain
 from mimbench.chain import SIZES, ChainError, Step, Tolerance, compare, curve_summary, family, plan, report, run_steps
 
+
+@pytest.fixture(scope="module")
+def checkpoint_for_chain(tmp_path_factory) -> Path:
+    from mimbench.backbones.checkpoint import CheckpointMetadata, save_backbone
+    from mimbench.backbones.vit import create_backbone
+
+    torch.manual_seed(0)
+    return save_backbone(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", create_backbone("vit_tiny_patch4_32"),
+                         CheckpointMetadata(method="mae", arch="vit_tiny_patch4_32"))
+
+
 BASELINE = {
     "tolerances": {"classification": {"absolute": 1.0}, "detection": {"absolute": 2.0},
                    "pretrain-loss": {"relative": 0.05}},
@@ -121,7 +132,11 @@ def test_plan_on_embedded_data(tmp_path):
     assert names[-1] == "tables" and len(steps) == 1 + 3 + 3 * 4 + 1
     coco = next(step for step in steps if step.name == "coco rcmae")
     assert "--embedded" in coco.command and str(tmp_path / "rcmae" / "encoder.safetensors") in coco.command
-    assert all("--data-root" not in step.command for step in steps)
+    # the generated sets live under the chain's folder: --embedded writes them at --data-root once
+    roots = {step.command[step.command.index("--data-root") + 1] for step in steps if "--data-root" in step.command}
+    assert roots == {str(tmp_path / "datasets" / name) for name in ("photos-embedded", "coco-embedded",
+                                                                     "ade20k-embedded")}
+    assert all("--embedded" in step.command for step in steps if "--data-root" in step.command)
 
 
 def test_plan_on_real_subsets(tmp_path):
@@ -189,17 +204,16 @@ def test_ci_chain_end_to_end_matches_the_baseline(tmp_path, capsys):
     assert "MixedAE" in screen and f"{tmp_path / 'regression'}/coco/<method>/" in screen
 
 
-def test_every_entry_point_wants_data_root_or_embedded(tmp_path, capsys):
+def test_every_entry_point_wants_data_root_or_embedded(tmp_path, capsys, checkpoint_for_chain):
     """Without --data-root and without --embedded nothing runs: the message names the layout and the way to the
     embedded data, so the demo data is never mistaken for the benchmark."""
     from mimbench.pretrain.run import main as pretrain
     from mimbench.transfer.run import main as transfer
 
-    ckpt = str(tmp_path / "x.safetensors")
-    with pytest.raises(SystemExit) as stopped:
-        pretrain(["--method", "mae", "--out", str(tmp_path / "p")])
-    assert "--data-root DIR (ImageNet-style <DIR>/<class>/<image>" in str(stopped.value.code)
-    assert "--embedded" in str(stopped.value.code)
+    ckpt = str(checkpoint_for_chain)
+    assert pretrain(["--method", "mae", "--out", str(tmp_path / "p")]) == 1
+    message = capsys.readouterr().err
+    assert "--data-root DIR (ImageNet-style <root>/<class>/<image>" in message and "--embedded" in message
     with pytest.raises(SystemExit):
         transfer(["coco", "--ckpt", ckpt])
     message = capsys.readouterr().err
@@ -257,16 +271,6 @@ def test_the_committed_baseline_records_its_pins():
     assert baseline["pins"] == chain.PINS == {"precision": "fp32", "threads": 1, "cpu_capability": "AVX2"}
 
 
-@pytest.fixture(scope="module")
-def checkpoint_for_chain(tmp_path_factory) -> Path:
-    from mimbench.backbones.checkpoint import CheckpointMetadata, save_backbone
-    from mimbench.backbones.vit import create_backbone
-
-    torch.manual_seed(0)
-    return save_backbone(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", create_backbone("vit_tiny_patch4_32"),
-                         CheckpointMetadata(method="mae", arch="vit_tiny_patch4_32"))
-
-
 @pytest.mark.slow
 def test_records_made_under_another_precision_or_isa_meet_the_comparison_as_intended(tmp_path, checkpoint_for_chain):
     """Real records through the regression's own measure/compare: a re-run under the pins equals the baseline
@@ -296,3 +300,18 @@ def test_records_made_under_another_precision_or_isa_meet_the_comparison_as_inte
         native, native_settings = digits_probe("native", "fp32", None)
         with pytest.raises(ChainError, match="cpu_capability AVX512 \\(pinned AVX2\\)"):
             compare(baseline, native, native_settings)
+
+
+@pytest.mark.parametrize("task", ["coco", "ade20k"])
+def test_a_bad_checkpoint_stops_embedded_runs_before_the_set_is_written(tmp_path, capsys, task):
+    from mimbench.transfer.run import main as transfer
+
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint at all")
+    for ckpt in (tmp_path / "missing.pth", garbage):
+        argv = [task, "--ckpt", str(ckpt), "--embedded", "--data-root", str(tmp_path / "set"), "--out",
+                str(tmp_path / "run")]
+        assert transfer(argv) == 1
+        error = capsys.readouterr().err.strip()
+        assert error.startswith(f"error: {ckpt}: ") and len(error.splitlines()) == 1
+    assert not (tmp_path / "set").exists() and not (tmp_path / "run").exists()

@@ -121,3 +121,21 @@ def test_layer_ids():
     assert layers.layer_id("decode_head.conv_seg.weight") == 13
     model = create_backbone("vit_tiny_patch4_32")
     assert all(backbone_contract(model).layer_id(name) == layers.layer_id(name) for name, _ in model.named_parameters())
+
+
+def test_a_backbone_prefix_keeps_head_names_out_of_the_stem():
+    """A detector's RPN has a ``conv1`` too: under a prefix only the backbone's own ``conv1`` is the stem."""
+    resnet = create_backbone("resnet18")
+    detector = nn.Module()
+    detector.backbone = nn.Module()
+    detector.backbone.net = resnet
+    detector.rpn = nn.Module()
+    detector.rpn.conv1 = nn.Conv2d(4, 4, 3)
+    contract = backbone_contract(resnet)
+    top = contract.num_layers + 1
+    scales = per_parameter(layer_decay_param_groups(detector, contract, 0.05, DECAY, backbone_prefix="backbone.net."))
+    assert scales["backbone.net.conv1.weight"] == (DECAY ** top, 0.05)  # the stem: layer 0
+    assert scales["backbone.net.layer3.0.conv1.weight"] == (DECAY ** (top - 3), 0.05)
+    assert scales["rpn.conv1.weight"] == (1.0, 0.05) and scales["rpn.conv1.bias"] == (1.0, 0.0)
+    unprefixed = per_parameter(layer_decay_param_groups(detector, contract, 0.05, DECAY))
+    assert unprefixed["rpn.conv1.weight"] == (DECAY ** top, 0.05)  # what the prefix is for

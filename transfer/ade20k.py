@@ -56,7 +56,12 @@ from mmseg.datasets import BaseSegDataset  # noqa: E402
 from mmseg.evaluation import IoUMetric  # noqa: E402
 from mmseg.registry import DATASETS, MODELS, OPTIM_WRAPPER_CONSTRUCTORS, OPTIM_WRAPPERS, OPTIMIZERS  # noqa: E402
 
-from mimbench.backbones.checkpoint import backbone_from_checkpoint, infer_arch, read_checkpoint  # noqa: E402
+from mimbench.backbones.checkpoint import (  # noqa: E402
+    backbone_from_checkpoint,
+    check_checkpoint,
+    infer_arch,
+    read_checkpoint,
+)
 from mimbench.backbones.contract import BackboneContract, backbone_contract  # noqa: E402
 from mimbench.backbones.layer_decay import layer_decay_param_groups  # noqa: E402
 from mimbench.backbones.vit import create_backbone  # noqa: E402
@@ -397,7 +402,8 @@ class LayerDecayConstructor:
         wrapper_cfg = dict(self.optim_wrapper_cfg)
         optimizer_cfg = dict(wrapper_cfg.pop("optimizer"))
         groups = layer_decay_param_groups(segmentor, segmentor.backbone.contract,
-                                          optimizer_cfg.get("weight_decay", 0.0), self.layer_decay)
+                                          optimizer_cfg.get("weight_decay", 0.0), self.layer_decay,
+                                          backbone_prefix="backbone.net.")
         for group in groups:
             group["lr"] = optimizer_cfg["lr"] * group["lr_scale"]
         optimizer = OPTIMIZERS.build({**optimizer_cfg, "params": groups})
@@ -775,7 +781,8 @@ def parse_args(argv: list[str] | None) -> Ade20kConfig:
     """The run's configuration from the command line (``mimbench.core.config``: defaults < --config < --preset <
     flags; --embedded: the generated scenes)."""
     return parse_config(Ade20kConfig, argv, prog="transfer/run.py ade20k", description=__doc__, presets=PRESETS,
-                        default_preset="upernet_vitb_160k", embedded=EMBEDDED)
+                        default_preset="upernet_vitb_160k", embedded=EMBEDDED,
+                        before_data=lambda config: check_checkpoint(config.run.ckpt))
 
 
 def main(argv: list[str] | None = None) -> int:

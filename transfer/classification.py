@@ -37,14 +37,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from mimbench.backbones.checkpoint import backbone_from_checkpoint
 from mimbench.core.config import RunSpec, config_parser, parse_config, to_dict, with_overrides
-from mimbench.core.errors import ConfigError, UserError
+from mimbench.core.errors import ConfigError
 from mimbench.core.io import atomic_write, file_sha256
-from mimbench.core.rundir import RunLock, start_run
+from mimbench.core.rundir import RunLock, start_run_on_rank0
 from mimbench.core.runtime import (
     PRECISIONS,
     Distributed,
@@ -221,21 +220,8 @@ def holds_run(out: Path) -> bool:
 
 def claim_run_directory(out: Path, config: ClassificationConfig, distributed: Distributed) -> RunLock | None:
     """The resume rule, checked and locked by rank 0; the other ranks stop with it when it refuses."""
-    lock, refusal = None, None
-    if distributed.is_main:
-        try:
-            lock = start_run(out, to_dict(config), resume=config.run.resume, holds_run=holds_run(out),
-                             harmless=HARMLESS)
-        except UserError as error:
-            refusal = error
-    if distributed.world_size > 1:
-        verdict = [None if refusal is None else str(refusal)]
-        dist.broadcast_object_list(verdict, src=0)
-        if verdict[0] is not None and refusal is None:
-            refusal = ConfigError(verdict[0])
-    if refusal is not None:
-        raise refusal
-    return lock
+    return start_run_on_rank0(distributed.world_size, distributed.rank, out, to_dict(config),
+                              resume=config.run.resume, holds_run=holds_run(out), harmless=HARMLESS)
 
 
 def split_reader(config: ClassificationConfig, spec: DatasetSpec) -> Callable[[str], LabelledImages]:

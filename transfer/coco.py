@@ -74,6 +74,7 @@ from mimbench.backbones.checkpoint import (
     CheckpointError,
     LoadReport,
     backbone_from_checkpoint,
+    check_checkpoint,
     infer_arch,
     read_checkpoint,
 )
@@ -346,29 +347,12 @@ def detector_from_checkpoint(config: CocoConfig, recipe: DetectionPreset, num_cl
 BACKBONE_PREFIX = {"plain": "backbone.net.", "hierarchical": "backbone.bottom_up.net."}
 
 
-class DetectorLayers:
-    """A backbone contract's layer rules over a whole detector: a parameter under ``prefix`` (the backbone) by the
-    contract, any other (pyramid, heads) the top layer. The contract alone matches a name anywhere in a path, so
-    it would take the RPN's or box head's ``conv1`` for a ResNet stem's."""
-
-    def __init__(self, contract: BackboneContract, prefix: str) -> None:
-        self.contract, self.prefix, self.num_layers = contract, prefix, contract.num_layers
-
-    def layer_id(self, name: str) -> int:
-        if name.startswith(self.prefix):
-            return self.contract.layer_id(name[len(self.prefix):])
-        return self.num_layers + 1
-
-    def no_weight_decay(self, name: str, param: torch.Tensor) -> bool:
-        return self.contract.no_weight_decay(name, param)
-
-
 def optimizer_for(detector: nn.Module, arch: str, recipe: DetectionPreset, lr: float) -> torch.optim.Optimizer:
     """AdamW with layer-wise lr decay by the backbone's contract (its layers decay; pyramid and heads get the
     full lr). ``detector`` is the bare model, not its DDP wrapper (the prefix names its own parameters)."""
     contract = arch_contract(arch)
-    layers = DetectorLayers(contract, BACKBONE_PREFIX[contract.kind])
-    groups = layer_decay_param_groups(detector, layers, recipe.weight_decay, recipe.layer_decay)
+    groups = layer_decay_param_groups(detector, contract, recipe.weight_decay, recipe.layer_decay,
+                                      backbone_prefix=BACKBONE_PREFIX[contract.kind])
     for group in groups:
         group["lr"] = lr * group["lr_scale"]
         del group["param_names"]
@@ -644,7 +628,7 @@ def parse_args(argv: list[str] | None) -> CocoConfig:
     parser.add_argument("--no-amp", dest="precision", action="store_const", const="fp32",
                         help="the same as --precision fp32")
     config = parse_config(CocoConfig, argv, prog=prog, presets=PRESETS, default_preset=CocoConfig.preset,
-                          embedded=EMBEDDED, parser=parser)
+                          embedded=EMBEDDED, parser=parser, before_data=lambda c: check_checkpoint(c.run.ckpt))
     if not config.run.ckpt:
         parser.error("--ckpt is required (a checkpoint file: ours, official MAE / RC-MAE, timm, MMPretrain, ...)")
     if not config.run.data_root:
