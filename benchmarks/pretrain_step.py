@@ -17,8 +17,8 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from mimbench.core.runtime import autocast_dtype
 from mimbench.backbones.vit import ARCHS
+from mimbench.core.runtime import autocast_dtype
 from mimbench.pretrain.engine import PretrainConfig, build_method
 from mimbench.pretrain.rcmae import MicroBatch
 

@@ -150,7 +150,8 @@ class PretrainConfig:
     recipe: PretrainRecipe = BASE
     max_bad_image_share: float = 0.01  # the run stops when more of its image files than this are unreadable
     # A full pretraining checkpoint (official MAE / RC-MAE, or one of ours) to start from, every model tensor
-    # loaded from it; the optimizer and schedule start afresh. Ignored when the run resumes from its own checkpoint.
+    # loaded from it (an MAE from an RC-MAE file takes its teacher; an RC-MAE from an MAE file, that model for both
+    # halves); the optimizer and schedule start afresh. Ignored when the run resumes from its own checkpoint.
     init: str | None = None
 
 

@@ -503,6 +503,24 @@ def test_short_cpu_run_learns_the_embedded_scenes(tmp_path, checkpoint, one_thre
 
 
 @pytest.mark.slow
+def test_the_transfer_additions_train_through_the_runner(tmp_path, checkpoint, one_thread):
+    """The paper protocol's relative position bias and layer scale on the small recipe, through mmengine's Runner:
+    both are trained (they leave zero and one), and slide inference scores the run."""
+    store, out = tmp_path / "results.jsonl", tmp_path / "run"
+    argv = ["--ckpt", str(checkpoint), "--data-root", str(scenes(tmp_path / "scenes", train=8, val=2)), "--out",
+            str(out), "--results", str(store), *SMALL_FLAGS, "--batch-size", "2", "--max-iters", "6",
+            "--warmup-iters", "2", "--lr", "1e-3", "--layer-decay", "1.0", "--relative-position-bias", "--layer-scale",
+            "1.0", "--test-mode", "slide", "--slide-stride", "48"]
+    assert ade20k.main(argv) == 0
+    (result,) = records(store)
+    assert result.config["recipe"]["relative_position_bias"] is True and result.config["recipe"]["layer_scale"] == 1.0
+    trained = mmseg_compat.load_mmengine_checkpoint(str(ade20k.last_checkpoint(out)), "cpu")["state_dict"]
+    table = trained["backbone.net.blocks.0.attn.relative_position_bias_table"]
+    gamma = trained["backbone.net.blocks.0.ls1.gamma"]
+    assert table.abs().max() > 0 and not torch.equal(gamma, torch.ones(192))
+
+
+@pytest.mark.slow
 def test_resnet18_runs_upernet_end_to_end(tmp_path, resnet_checkpoint, resnet, one_thread):
     store, out = tmp_path / "results.jsonl", tmp_path / "run"
     argv = ["ade20k", "--ckpt", str(resnet_checkpoint), "--data-root", str(scenes(tmp_path / "scenes", 8, 4)),
