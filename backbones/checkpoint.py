@@ -1,4 +1,6 @@
-"""The one checkpoint loader: every entry point reads backbone weights through :func:`load_backbone`.
+"""The one checkpoint loader: every entry point reads backbone weights through :func:`load_backbone`, and a
+pretraining run that starts from a full checkpoint (encoder and decoder) reads it through
+:func:`load_pretraining_checkpoint`.
 
 Reads
 - our own checkpoints: safetensors with JSON metadata in the header (method, arch, epochs, data, git commit),
@@ -14,6 +16,10 @@ unexpected keys. A hierarchical backbone (:mod:`mimbench.backbones.registry`) is
 any state dict with the model's key names, under any prefix. Torch files are read with ``weights_only=True``:
 nothing is ever unpickled with code execution. Every problem is one :class:`CheckpointError` line that names
 the file.
+
+A full pretraining checkpoint (official MAE's ``model`` with its decoder, the RC-MAE release's ``student`` and
+``teacher``, our own training state) goes whole into one of our pretraining models, every tensor of the file and
+of the model used, or not at all.
 """
 
 from __future__ import annotations
@@ -461,6 +467,75 @@ def infer_arch(path: str | os.PathLike, which: str = "teacher") -> str:
         if summary == f"embed_dim {spec['embed_dim']}, depth {spec['depth']}, patch {spec['patch_size']}":
             return name
     raise CheckpointError(path, f"matches no known architecture ({summary}); pass the arch explicitly")
+
+
+# ------------------------------------------------------------------------------------ full pretraining checkpoints
+
+# The halves of our RC-MAE model (``student.*``, ``teacher.*``), each an MAE-style autoencoder.
+AUTOENCODER_HALVES = ("student", "teacher")
+
+
+def _autoencoder_names(weights: Mapping[str, Any]) -> dict[str, Any]:
+    """One autoencoder's weights in our names. Official MAE (models_mae.py) keeps its encoder at the top level
+    beside the decoder; ours holds it under ``encoder.``, with the same timm names inside; the decoder's names
+    (``decoder_embed``, ``mask_token``, ``decoder_pos_embed``, ``decoder_blocks``, ``decoder_norm``,
+    ``decoder_pred``) are MAE's. DDP's ``module.`` prefix is dropped."""
+    renamed = {}
+    for key, value in weights.items():
+        key = key.removeprefix("module.")
+        renamed["encoder." + key if key.split(".")[0] in ENCODER_ROOTS else key] = value
+    return renamed
+
+
+def _half_weights(obj: Any, path: Path, half: str) -> tuple[dict[str, Any], str]:
+    """The weights of ``half`` (student or teacher; for a plain autoencoder, the one ``which`` names) and where
+    they came from: a container holding both (the RC-MAE release's ``student`` and ``teacher``), our training
+    state (``model`` with ``student.*`` and ``teacher.*``), or a file holding one autoencoder (MAE's ``model``),
+    which then serves both halves, as RC-MAE's teacher starts as a copy of its student."""
+    weights, source = _select_weights(obj, path, half)
+    if any(key.startswith(f"{half}.") for key in weights):
+        weights = {key[len(half) + 1:]: value for key, value in weights.items() if key.startswith(f"{half}.")}
+        source += f", '{half}.*'"
+    return _autoencoder_names(weights), source
+
+
+def load_pretraining_checkpoint(model: nn.Module, path: str | os.PathLike, which: str = "teacher") -> LoadReport:
+    """Load a full pretraining checkpoint into one of our pretraining models (MAE, RC-MAE, MixedAE), every tensor
+    of the model from the file and every tensor of the file into the model.
+
+    An RC-MAE model (``student.*``, ``teacher.*``) takes the file's student and teacher, or both from a file with
+    one autoencoder; any other model takes the file's one autoencoder, or ``which`` of a file with two. An
+    encoder-only file, a tensor missing on either side or one of another shape is a :class:`CheckpointError`.
+    """
+    path = Path(path)
+    obj, metadata = read_checkpoint(path)
+    expected = model.state_dict()
+    halves = [half for half in AUTOENCODER_HALVES if any(key.startswith(f"{half}.") for key in expected)]
+    weights: dict[str, Any] = {}
+    sources = []
+    for half in halves or [which]:
+        half_weights, source = _half_weights(obj, path, half)
+        prefix = f"{half}." if halves else ""
+        weights.update({prefix + key: value for key, value in half_weights.items()})
+        sources.append(f"{half}: {source}" if halves else source)
+    if not any(key.split(".")[-1] == "mask_token" for key in weights):
+        raise CheckpointError(path, "holds no decoder (no mask_token): an encoder-only checkpoint; starting a "
+                                    "pretraining run needs a full one (encoder + decoder, e.g. MAE's "
+                                    "mae_pretrain_vit_base_full.pth)")
+    missing = [key for key in expected if key not in weights]
+    unexpected = [key for key in weights if key not in expected or not isinstance(weights[key], torch.Tensor)]
+    if missing or unexpected:
+        found = "; ".join(part for part in (f"missing {_abbreviate(missing, 4)}" if missing else "",
+                                            f"not in the model {_abbreviate(unexpected, 4)}" if unexpected else "")
+                          if part)
+        raise CheckpointError(path, f"does not fit this {type(model).__name__}: {found}")
+    for key, value in weights.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise CheckpointError(path, f"{key} is {list(value.shape)} in the file, {list(expected[key].shape)} in "
+                                        f"the model (another architecture or decoder size)")
+    model.load_state_dict(weights, strict=True)
+    return LoadReport(path=str(path), source_format=f"full checkpoint, {' + '.join(sources)}", loaded=list(weights),
+                      missing=[], unexpected=[], set_aside=[], resized={}, metadata=metadata)
 
 
 def backbone_from_checkpoint(

@@ -20,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from mimbench.backbones.vit import ARCHS
 from mimbench.core.runtime import autocast_dtype
 from mimbench.pretrain.engine import PretrainConfig, build_method
+from mimbench.pretrain.rcmae import MicroBatch
 
 METHODS = ("mae", "rcmae", "mixedae")
 GOALS = {"rcmae": 1.35, "mixedae": 1.05}
@@ -70,8 +71,9 @@ class MethodStep:
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if hasattr(self.model, "after_optimizer_step"):
-            self.model.after_optimizer_step(1, 100)
+        if hasattr(self.model, "after_micro_batch"):  # RC-MAE's teacher update, once per step without accumulation
+            self.model.after_micro_batch(MicroBatch(index_in_epoch=0, per_epoch=1, epochs=100, step=1, total_steps=100,
+                                                    stepped=True))
 
     def seconds(self) -> float:
         synchronize(self.images.device)

@@ -1,13 +1,17 @@
 """The pretraining engine shared by MAE, RC-MAE and MixedAE: one loop, from a CPU to many GPUs.
 
 A method is an ``nn.Module`` whose ``forward(images)`` returns ``(loss, parts)``; it may define
-``after_optimizer_step(step, total_steps)`` (RC-MAE's EMA teacher), and defines ``visualize(images)`` and
-``export_encoder()``. Everything else lives here:
+``after_micro_batch(micro_batch)`` (RC-MAE's EMA teacher: called after every micro-batch, with where it stands in
+the run, `mimbench.pretrain.rcmae.MicroBatch`), and defines ``visualize(images)`` and ``export_encoder()``.
+Everything else lives here:
 
 - distributed: ``torchrun`` env:// with DDP (NCCL on GPU, gloo on CPU); only rank 0 writes;
-- AdamW (β 0.9/0.95), lr = base_lr · effective batch / 256, per-step warmup + half-cycle cosine (MAE);
-  gradient accumulation to reach a large effective batch on few GPUs; bf16 autocast where it pays
-  (``mimbench.core.runtime``); ``torch.compile`` on CUDA unless disabled;
+- AdamW (β 0.9/0.95) with MAE's weight-decay groups (`weight_decay_groups`), lr = base_lr · effective batch / 256,
+  per-step warmup + half-cycle cosine (MAE); gradient accumulation to reach the recipe's total batch on any number
+  of GPUs; bf16 autocast where it pays (``mimbench.core.runtime``; the releases use fp16 with a GradScaler, which
+  bf16's range makes unnecessary); ``torch.compile`` on CUDA unless disabled;
+- ``init``: the run starts from a full pretraining checkpoint (official MAE / RC-MAE, or ours), every tensor of
+  the model loaded from it (`mimbench.backbones.checkpoint.load_pretraining_checkpoint`), with a fresh optimizer;
 - exact resume: the random state of every micro-batch is a pure function of (seed, micro-batch index) and
   augmentations of (seed, epoch, sample), so a checkpoint needs only model, optimizer, step and data position;
   checkpoints are written atomically, every N steps and at epoch end, keeping the last K;
@@ -44,7 +48,12 @@ from torch.utils.data import DataLoader
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from mimbench.backbones.checkpoint import CheckpointMetadata, read_checkpoint, save_backbone
+from mimbench.backbones.checkpoint import (
+    CheckpointMetadata,
+    load_pretraining_checkpoint,
+    read_checkpoint,
+    save_backbone,
+)
 from mimbench.backbones.vit import ARCHS
 from mimbench.core.config import RunSpec, from_dict, to_dict
 from mimbench.core.errors import ConfigError, DatasetError, TrainingDiverged
@@ -63,7 +72,7 @@ from mimbench.core.runtime import (
 from mimbench.pretrain.data import IMAGENET_MEAN, IMAGENET_STD, ShardedSampler, build_pretrain_dataset
 from mimbench.pretrain.mae import MAEConfig, MaskedAutoencoder
 from mimbench.pretrain.mixedae import MixedAEConfig, MixedAutoencoder
-from mimbench.pretrain.rcmae import RCMAEConfig, ReconstructionConsistentMAE
+from mimbench.pretrain.rcmae import MicroBatch, RCMAEConfig, ReconstructionConsistentMAE
 
 # Each method's config dataclass and model: what `--method` chooses between.
 METHODS: dict[str, tuple[type, type[nn.Module]]] = {
@@ -81,8 +90,11 @@ class PretrainRecipe:
     arch: str = "vit_base_patch16_224"  # ViT-B/16: the model of the three papers' main tables
     epochs: int = 300  # the MixedAE paper's shorter ViT-B schedule (its rows: 300 and 1600; tables/reference)
     warmup_epochs: int = 40  # MAE Table 8
-    batch_size: int = 64  # per process; x 8 GPUs x 8 accumulation steps = MAE's batch 4096 (Table 8)
-    accum_steps: int = 1
+    batch_size: int = 64  # per process (MAE's PRETRAIN.md: 64 per GPU)
+    # The batch of one optimizer step over all processes, reached by accumulation (MAE Table 8: 4096); None: batch
+    # size x processes x accum_steps.
+    total_batch_size: int | None = 4096
+    accum_steps: int = 1  # micro-batches per step where total_batch_size is None (else derived from it)
     base_lr: float = 1.5e-4  # MAE Table 8; lr = base_lr * effective batch / 256
     min_lr: float = 0.0  # the cosine decays to zero (MAE's code)
     weight_decay: float = 0.05  # MAE Table 8
@@ -91,19 +103,35 @@ class PretrainRecipe:
     save_every_steps: int = 1000
     keep_checkpoints: int = 2
     compile: bool | None = None  # None: on CUDA only
+    for_method: str | None = None  # the method whose release this recipe reproduces; None: any method
     # The method's own options (MAEConfig, RCMAEConfig, MixedAEConfig fields); unset ones keep their papers' values.
     method_options: dict[str, Any] = field(default_factory=dict)
 
 
 BASE = PretrainRecipe()
+# The releases' recipes, each for its own method (``--preset mae_vitb_1600`` runs MAE). MAE (facebookresearch/mae,
+# PRETRAIN.md; paper Table 8): 64 images per GPU, 4096 per step, blr 1.5e-4, wd 0.05, 40 warmup epochs, norm-pix
+# targets, mask ratio 0.75; 1600 epochs, the schedule of its released ViT-B/L/H checkpoints.
+MAE_RELEASE = dataclasses.replace(BASE, for_method="mae", epochs=1600,
+                                  method_options=dict(mask_ratio=0.75, norm_pix_loss=True))
+# RC-MAE (youngwanLEE/rc-mae, scripts/pretrain_rc_mae_vit_{base,large}_1600ep.sh): 256 per GPU x 2 accumulation x
+# 8 GPUs = 4096 per step (the accumulation sets how often its teacher moves per step: pretrain/rcmae.py), blr
+# 1.5e-4, wd 0.05, 40 warmup epochs, norm-pix, mask 0.75, γ 1, teacher momentum 0.996 per micro-batch.
+RCMAE_RELEASE = dataclasses.replace(
+    BASE, for_method="rcmae", epochs=1600, batch_size=256,
+    method_options=dict(mask_ratio=0.75, norm_pix_loss=True, consistency_weight=1.0, momentum_start=0.996,
+                        teacher_schedule="release"))
 PRESETS: dict[str, PretrainRecipe] = {
     "in1k_vit_b": BASE,
-    # The bundled photos on a CPU in minutes: 32-pixel crops, a tiny ViT with a 2-block 128-wide decoder (MAE's
-    # 8 x 512 is sized for ViT-B), a 10-epoch schedule, and 4 x the lr for the short run.
+    # The bundled photos on a CPU in minutes: 32-pixel crops, a tiny ViT (its decoder from the table: 2 blocks,
+    # 128 wide), a 10-epoch schedule, 4 x the lr for the short run, and batch 64 x 1 process.
     "embedded_cpu": dataclasses.replace(
         BASE, arch="vit_tiny_patch4_32", epochs=10, warmup_epochs=2, base_lr=BASE.base_lr * 4, num_workers=2,
-        samples_per_epoch=2048, save_every_steps=100, method_options=dict(decoder_dim=128, decoder_depth=2,
-                                                                          decoder_heads=4)),
+        samples_per_epoch=2048, save_every_steps=100, total_batch_size=None),
+    "mae_vitb_1600": dataclasses.replace(MAE_RELEASE, arch="vit_base_patch16_224"),
+    "mae_vitl_1600": dataclasses.replace(MAE_RELEASE, arch="vit_large_patch16_224"),
+    "rcmae_vitb_1600": dataclasses.replace(RCMAE_RELEASE, arch="vit_base_patch16_224"),
+    "rcmae_vitl_1600": dataclasses.replace(RCMAE_RELEASE, arch="vit_large_patch16_224"),
 }
 DEFAULT_PRESET = "in1k_vit_b"
 
@@ -121,6 +149,10 @@ class PretrainConfig:
     preset: str = DEFAULT_PRESET
     recipe: PretrainRecipe = BASE
     max_bad_image_share: float = 0.01  # the run stops when more of its image files than this are unreadable
+    # A full pretraining checkpoint (official MAE / RC-MAE, or one of ours) to start from, every model tensor
+    # loaded from it (an MAE from an RC-MAE file takes its teacher; an RC-MAE from an MAE file, that model for both
+    # halves); the optimizer and schedule start afresh. Ignored when the run resumes from its own checkpoint.
+    init: str | None = None
 
 
 # ------------------------------------------------------------------------------------------ small pieces
@@ -150,6 +182,10 @@ def method_config(config: PretrainConfig) -> Any:
 def resolve(config: PretrainConfig) -> PretrainConfig:
     """The configuration as it runs and as config.yaml records it: the arch in the recipe only, and every method
     option spelled out, so a saved run compares and replays field by field."""
+    wanted = config.recipe.for_method
+    if wanted is not None and wanted != config.run.method:
+        raise ConfigError(f"preset {config.preset!r} is the {wanted} release's recipe, not {config.run.method}'s; "
+                          f"run it with --method {wanted}")
     options = to_dict(method_config(config))
     arch = options.pop("arch")
     return dataclasses.replace(config, run=dataclasses.replace(config.run, arch=None),
@@ -158,6 +194,32 @@ def resolve(config: PretrainConfig) -> PretrainConfig:
 
 def build_method(config: PretrainConfig) -> nn.Module:
     return method_classes(config.run.method)[1](method_config(config))
+
+
+def accumulation_steps(recipe: PretrainRecipe, world_size: int) -> int:
+    """Micro-batches per optimizer step: what reaches ``total_batch_size`` on ``world_size`` processes, else
+    ``accum_steps``."""
+    if recipe.total_batch_size is None:
+        return recipe.accum_steps
+    per_micro_batch = recipe.batch_size * world_size
+    total = recipe.total_batch_size
+    if total % per_micro_batch:
+        raise ConfigError(f"--total-batch-size {total} is not a multiple of batch {recipe.batch_size} x {world_size} "
+                          f"process(es); change --batch-size or --total-batch-size")
+    steps = total // per_micro_batch
+    if recipe.accum_steps not in (1, steps):
+        raise ConfigError(f"--accum-steps {recipe.accum_steps} disagrees with --total-batch-size {total} (batch "
+                          f"{recipe.batch_size} x {world_size} process(es) x {steps}); leave --accum-steps out or "
+                          f"change --total-batch-size")
+    return steps
+
+
+def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups as MAE's main_pretrain.py (and RC-MAE's run_pretrain.py) make them with timm's
+    ``add_weight_decay`` and no skip list: biases and every tensor of one dim (norms) get no weight decay, every
+    other trainable tensor is decayed, ``cls_token`` and ``mask_token`` (and MixedAE's segment embeddings)
+    included; frozen tensors (the sin-cos position embeddings, RC-MAE's teacher) are in neither group."""
+    return param_groups_weight_decay(model, weight_decay)
 
 
 def checkpoint_paths(out: Path) -> list[Path]:
@@ -190,12 +252,13 @@ class Trainer:
         self.model = build_method(config).to(self.device)
         self.sampler = ShardedSampler(len(self.dataset), self.dist.world_size, self.dist.rank, seed=run.seed,
                                       batch_size=recipe.batch_size)
-        self.steps_per_epoch = len(self.dataset) // self.dist.world_size // recipe.batch_size // recipe.accum_steps
+        self.accum_steps = accumulation_steps(recipe, self.dist.world_size)
+        self.steps_per_epoch = len(self.dataset) // self.dist.world_size // recipe.batch_size // self.accum_steps
         if self.steps_per_epoch == 0:
             raise ConfigError(f"{len(self.dataset)} images cannot fill one step of batch {recipe.batch_size} x "
-                              f"accumulation {recipe.accum_steps} x {self.dist.world_size} processes")
+                              f"accumulation {self.accum_steps} x {self.dist.world_size} processes")
         self.total_steps = self.steps_per_epoch * recipe.epochs
-        self.effective_batch = recipe.batch_size * recipe.accum_steps * self.dist.world_size
+        self.effective_batch = recipe.batch_size * self.accum_steps * self.dist.world_size
         self.peak_lr = recipe.base_lr * self.effective_batch / 256
 
         self.ddp = self.model
@@ -204,11 +267,8 @@ class Trainer:
                                                else None)
         compile_model = recipe.compile if recipe.compile is not None else self.device.type == "cuda"
         self.forward = torch.compile(self.ddp) if compile_model else self.ddp
-        no_decay = {name for name, _ in self.model.named_parameters() if name.rsplit(".", 1)[-1] in (
-            "pos_embed", "cls_token", "mask_token", "segment_embed")}
-        self.optimizer = torch.optim.AdamW(
-            param_groups_weight_decay(self.model, recipe.weight_decay, no_weight_decay_list=no_decay),
-            lr=self.peak_lr, betas=(0.9, 0.95))
+        self.optimizer = torch.optim.AdamW(weight_decay_groups(self.model, recipe.weight_decay), lr=self.peak_lr,
+                                           betas=(0.9, 0.95))
 
         self.step = 0  # optimizer steps done
         self.wall_seconds = 0.0  # across every segment of a resumed run
@@ -262,6 +322,15 @@ class Trainer:
         self.unreadable = set(state.get("unreadable", ()))  # checkpoints older than the count have none
         return paths[-1]
 
+    def initialize(self) -> str | None:
+        """Load ``init`` (a full pretraining checkpoint) into the model, on every process; its description."""
+        if self.config.init is None:
+            return None
+        report = load_pretraining_checkpoint(self.model, self.config.init)
+        if self.dist.is_main:
+            print(report.summary(), flush=True)
+        return f"{self.config.init} ({report.source_format})"
+
     # -------------------------------------------------------------------------------------- training
 
     def train(self) -> Path:
@@ -269,11 +338,12 @@ class Trainer:
         lock = self.take_run_directory()
         try:
             resumed = self.resume()
+            initial = self.initialize() if resumed is None else None
             if self.dist.is_main:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.writer = SummaryWriter(str(self.out / "tensorboard"))
-                where = f"resumed from {resumed}" if resumed else "from scratch"
+                where = f"resumed from {resumed}" if resumed else f"from {initial}" if initial else "from scratch"
                 print(f"{self.config.run.method} {self.config.recipe.arch} ({self.config.preset}): "
                       f"{self.config.recipe.epochs} epochs x {self.steps_per_epoch} steps, effective batch "
                       f"{self.effective_batch}, lr {self.peak_lr:.2e}, {self.device} {precision_name(self.dtype)}, "
@@ -287,7 +357,7 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> None:
         run, recipe = self.config.run, self.config.recipe
-        micro_per_step = recipe.accum_steps
+        micro_per_step = self.accum_steps
         start_in_epoch = self.step - epoch * self.steps_per_epoch
         self.sampler.set_epoch(epoch, skip=start_in_epoch * micro_per_step * recipe.batch_size)
         self.dataset.set_epoch(epoch)
@@ -316,18 +386,19 @@ class Trainer:
                         loss, parts = self.forward(images)
                     self.check_finite(loss, epoch)
                     (loss / micro_per_step).backward()
+                index_in_epoch = start_in_epoch * micro_per_step + micro
                 micro += 1
+                if last_micro:
+                    self.count_unreadable(unreadable)
+                    unreadable = []
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.step += 1
+                    self.images_seen += self.effective_batch
+                method_logs = self.after_micro_batch(index_in_epoch, last_micro)
                 if not last_micro:
                     continue
-                self.count_unreadable(unreadable)
-                unreadable = []
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.step += 1
-                self.images_seen += self.effective_batch
-                logs = {"loss": loss.detach().float(), **parts, "lr": lr}
-                if hasattr(self.model, "after_optimizer_step"):
-                    logs.update(self.model.after_optimizer_step(self.step, self.total_steps))
+                logs = {"loss": loss.detach().float(), **parts, "lr": lr, **method_logs}
                 now = time.perf_counter()
                 throughput = self.effective_batch / max(now - last_time, 1e-9)
                 last_time = now
@@ -345,6 +416,14 @@ class Trainer:
                 print(f"epoch {epoch}: {len(self.unreadable)} unreadable image file(s) skipped so far, "
                       f"{len(self.unreadable) / len(self.dataset):.3%} of {len(self.dataset)}", flush=True)
             self.save_figure(epoch)
+
+    def after_micro_batch(self, index_in_epoch: int, stepped: bool) -> dict[str, float]:
+        """The method's hook after each micro-batch (RC-MAE's teacher update), if it has one; what it logs."""
+        if not hasattr(self.model, "after_micro_batch"):
+            return {}
+        return self.model.after_micro_batch(MicroBatch(
+            index_in_epoch=index_in_epoch, per_epoch=self.steps_per_epoch * self.accum_steps,
+            epochs=self.config.recipe.epochs, step=self.step, total_steps=self.total_steps, stepped=stepped))
 
     def count_unreadable(self, found: list[int]) -> None:
         """Add the unreadable files of one step (every process's) to the count; past the limit, stop."""

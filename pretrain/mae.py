@@ -5,6 +5,16 @@ Mask a random 75% of the patches; the encoder (our timm ViT) sees only the visib
 MSE on masked patches against per-patch normalised pixels (norm_pix_loss). Position embeddings of encoder and
 decoder are fixed 2D sin-cos, as in the paper.
 
+What follows the official release (facebookresearch/mae) rather than timm's defaults, so a run from scratch
+trains as the release does and an official full checkpoint (encoder + decoder) runs unchanged in this model:
+- the initialisation (``models_mae.py``, ``initialize_weights``): xavier-uniform for every Linear layer of encoder
+  and decoder and for the patch embedding's weight seen as a (D, 3·p·p) matrix, N(0, 0.02) for ``cls_token`` and
+  ``mask_token``, LayerNorms 1 / 0 (the patch embedding's bias keeps PyTorch's Conv2d default, as there);
+- the sin-cos layout (``util/pos_embed.py``): see :func:`sincos_pos_embed`; ``decoder_pos_embed`` is a frozen
+  parameter, as there, so it is in the state dict and loads from a checkpoint;
+- the mask count (``models_mae.py``, ``random_masking``): ``int(N · (1 − ratio))`` visible patches;
+- the decoder per encoder (:data:`DECODERS`).
+
 The pieces (`patchify`, `random_masking`, `encode`, `decode`, `reconstruction_loss`) are public so RC-MAE
 and MixedAE build on them instead of copying them.
 """
@@ -16,22 +26,45 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-from timm.layers import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 
 from mimbench.backbones.vit import create_backbone
 
+# The decoder (width, blocks, heads) of each encoder, from the releases: MAE's models_mae.py gives ViT-B, ViT-L and
+# ViT-H 512 wide, 8 blocks, 16 heads (``mae_vit_*_dec512d8b``); RC-MAE's models_rc.py gives ViT-S 256 / 4 / 8
+# (``rc_vit_small_patch16 = rc_vit_small_patch16_dec256d4b``) and ViT-Ti 128 / 2 / 4 (``rc_vit_tiny_patch16_dec128d2b``,
+# used here for the small-image tiny ViTs too). MAE, RC-MAE and MixedAE all take it.
+DECODERS: dict[str, tuple[int, int, int]] = {
+    "vit_tiny_patch4_32": (128, 2, 4),
+    "vit_tiny_patch8_64": (128, 2, 4),
+    "vit_small_patch16_224": (256, 4, 8),
+    "vit_base_patch16_224": (512, 8, 16),
+    "vit_large_patch16_224": (512, 8, 16),
+    "vit_huge_patch16_224": (512, 8, 16),
+    "vit_huge_patch14_224": (512, 8, 16),
+}
+
 
 @dataclass
 class AutoencoderConfig:
-    """What every MAE-style method shares: the encoder arch and MAE's decoder (8 x 512 for ViT-B)."""
+    """What every MAE-style method shares: the encoder arch and the decoder (None: the arch's, :data:`DECODERS`)."""
 
     arch: str = "vit_base_patch16_224"
-    decoder_dim: int = 512
-    decoder_depth: int = 8
-    decoder_heads: int = 16
+    decoder_dim: int | None = None
+    decoder_depth: int | None = None
+    decoder_heads: int | None = None
     norm_pix_loss: bool = True
     drop_path_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        if None in (self.decoder_dim, self.decoder_depth, self.decoder_heads):
+            if self.arch not in DECODERS:
+                raise ValueError(f"no release decoder for {self.arch!r}: give decoder_dim, decoder_depth and "
+                                 f"decoder_heads")
+            dim, depth, heads = DECODERS[self.arch]
+            self.decoder_dim = dim if self.decoder_dim is None else self.decoder_dim
+            self.decoder_depth = depth if self.decoder_depth is None else self.decoder_depth
+            self.decoder_heads = heads if self.decoder_heads is None else self.decoder_heads
 
 
 @dataclass
@@ -40,9 +73,33 @@ class MAEConfig(AutoencoderConfig):
 
 
 def sincos_pos_embed(grid_size: tuple[int, int], dim: int) -> torch.Tensor:
-    """Fixed 2D sin-cos position embedding with a zero row for the class token: (1, 1 + H*W, dim)."""
-    patches = build_sincos2d_pos_embed(list(grid_size), dim=dim)
-    return torch.cat([torch.zeros(1, dim), patches]).unsqueeze(0)
+    """MAE's fixed 2D sin-cos position embedding with a zero row for the class token: (1, 1 + H*W, dim).
+
+    The layout of MAE's ``util/pos_embed.py`` (``get_2d_sincos_pos_embed``), channel for channel: patches in
+    row-major order; the first dim/2 channels encode the patch's column (its ``np.meshgrid(grid_w, grid_h)`` puts
+    the column first), the last dim/2 its row; each half is [sin, cos] of position · 10000^(−k / (dim/4)),
+    k = 0 .. dim/4 − 1. Evaluated in float64 and rounded to float32, as MAE does (numpy, then ``.float()``).
+    """
+    if dim % 4:
+        raise ValueError(f"a 2D sin-cos embedding needs a width divisible by 4, not {dim}")
+    rows, cols = grid_size
+    row, col = torch.meshgrid(torch.arange(rows, dtype=torch.float64), torch.arange(cols, dtype=torch.float64),
+                              indexing="ij")
+    quarter = dim // 4
+    frequencies = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+
+    def one_axis(position: torch.Tensor) -> torch.Tensor:
+        angles = position.reshape(-1, 1) * frequencies
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    patches = torch.cat([one_axis(col), one_axis(row)], dim=1)
+    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), patches]).float().unsqueeze(0)
+
+
+def num_visible(num_patches: int, mask_ratio: float) -> int:
+    """Patches the encoder sees: ``int(N · (1 − ratio))``, rounded down as MAE's ``random_masking`` does (196 patches
+    at ratio 0.7: 58)."""
+    return int(num_patches * (1 - mask_ratio))
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -70,7 +127,7 @@ def random_masking(
     masked, in the original order; ``restore_index`` (B, N): the permutation that puts the shuffled sequence
     [visible, masked] back into the original order.
     """
-    num_keep = int(round(num_patches * (1 - mask_ratio)))
+    num_keep = num_visible(num_patches, mask_ratio)
     shuffle_index = torch.rand(batch, num_patches, device=device).argsort(dim=1)
     restore_index = shuffle_index.argsort(dim=1)
     keep_index = shuffle_index[:, :num_keep]
@@ -107,13 +164,13 @@ class MaskedAutoencoder(nn.Module):
         self.patch_size = self.encoder.patch_embed.patch_size[0]
         grid = tuple(self.encoder.patch_embed.grid_size)
         width = self.encoder.embed_dim
-        with torch.no_grad():
-            self.encoder.pos_embed.copy_(sincos_pos_embed(grid, width))
         self.encoder.pos_embed.requires_grad_(False)
 
         self.decoder_embed = nn.Linear(width, config.decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, config.decoder_dim))
-        self.register_buffer("decoder_pos_embed", sincos_pos_embed(grid, config.decoder_dim), persistent=False)
+        # A frozen parameter, as MAE's (models_mae.py): in the state dict, so a full checkpoint's loads with it.
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, config.decoder_dim),
+                                              requires_grad=False)
         self.decoder_blocks = nn.ModuleList(
             Block(config.decoder_dim, config.decoder_heads, mlp_ratio=4.0, qkv_bias=True,
                   norm_layer=partial(nn.LayerNorm, eps=1e-6))
@@ -121,9 +178,21 @@ class MaskedAutoencoder(nn.Module):
         )
         self.decoder_norm = nn.LayerNorm(config.decoder_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(config.decoder_dim, self.patch_size ** 2 * 3)
+        self.initialize_weights(grid)
+
+    @torch.no_grad()
+    def initialize_weights(self, grid: tuple[int, int]) -> None:
+        """MAE's initialisation, in its order (models_mae.py, ``initialize_weights``): the sin-cos position
+        embeddings; the patch embedding's weight xavier-uniform as a (D, 3·p·p) matrix (a Linear layer's fans, not a
+        convolution's); ``cls_token`` and ``mask_token`` N(0, 0.02); then every Linear layer of encoder and decoder
+        xavier-uniform with zero bias and every LayerNorm 1 / 0."""
+        self.encoder.pos_embed.copy_(sincos_pos_embed(grid, self.encoder.embed_dim))
+        self.decoder_pos_embed.copy_(sincos_pos_embed(grid, self.config.decoder_dim))
+        patch = self.encoder.patch_embed.proj.weight
+        nn.init.xavier_uniform_(patch.view(patch.shape[0], -1))
+        nn.init.normal_(self.encoder.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
-        for module in [self.decoder_embed, self.decoder_pred, *self.decoder_blocks]:
-            module.apply(_init_linear_and_norm)
+        self.apply(_init_linear_and_norm)
 
     @property
     def num_patches(self) -> int:
@@ -197,7 +266,7 @@ def visualization(
 
 
 def _init_linear_and_norm(module: nn.Module) -> None:
-    """Xavier-uniform linear layers and unit LayerNorms, as the MAE paper's decoder."""
+    """Xavier-uniform linear layers and unit LayerNorms (MAE's ``_init_weights``, "following official JAX ViT")."""
     if isinstance(module, nn.Linear):
         nn.init.xavier_uniform_(module.weight)
         if module.bias is not None:

@@ -14,10 +14,11 @@ information between input and target, the paper's MI analysis), so the paper add
   every other patch of the same mixed image is in the InfoNCE denominator;
 - segment embeddings: one learnable vector per source slot, added to the tokens of that slot.
 
-The decoder is MAE's (this class subclasses :class:`MaskedAutoencoder`): each source is reconstructed from its
-own encoded tokens, with mask tokens at the positions other sources occupy, and the loss is MAE's norm-pix MSE on
-those positions. Total loss = L_recon + contrastive_weight · L_HomoCon: a regularisation term, not a supervision
-of its own (alone it gives 7.8% ImageNet fine-tuning accuracy in the paper's ablation).
+The decoder is MAE's, with MAE's initialisation and per-arch size (this class subclasses
+:class:`MaskedAutoencoder`): each source is reconstructed from its own encoded tokens, with mask tokens at the
+positions other sources occupy, and the loss is MAE's norm-pix MSE on those positions. Total loss = L_recon +
+contrastive_weight · L_HomoCon: a regularisation term, not a supervision of its own (alone it gives 7.8% ImageNet
+fine-tuning accuracy in the paper's ablation).
 
 Choices where the paper (poster and abstract as read here) leaves a detail open, all in :class:`MixedAEConfig`:
 - groups are consecutive images of the batch (image g·S + s is source s of mixed image g); loaders shuffle;
@@ -68,6 +69,7 @@ class MixedAEConfig(AutoencoderConfig):
     temperature: float = 0.25
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         sources = 1 / self.mixing_ratio if self.mixing_ratio > 0 else math.inf
         if not 0 < self.mixing_ratio <= 0.5 or abs(sources - round(sources)) > 1e-6:
             raise ValueError(f"mixing_ratio must be in (0, 0.5] with 1/mixing_ratio an integer "

@@ -1,24 +1,33 @@
 """Pretrain a ViT with MAE, RC-MAE or MixedAE.
 
     python pretrain/run.py --method mixedae --data-root /imagenet/train --out runs/mixedae300   # the paper's recipe
-    torchrun --nproc_per_node 8 pretrain/run.py --method mae --data-root /imagenet/train --batch-size 64 \\
-        --accum-steps 8 --out runs/mae300                # 8 GPUs x 64 x 8 = the paper's 4096
+    torchrun --nproc_per_node 8 pretrain/run.py --method mae --data-root /imagenet/train --out runs/mae300
+                                                        # 8 GPUs x 64 x 8 accumulation = the paper's 4096
+    torchrun --nproc_per_node 8 pretrain/run.py --preset rcmae_vitb_1600 --data-root /imagenet/train --out runs/rc
+    python pretrain/run.py --preset mae_vitb_1600 --print-config       # the MAE release's recipe, as YAML
+    python pretrain/run.py --init mae_pretrain_vit_base_full.pth --data-root /imagenet/train --out runs/more
     python pretrain/run.py --method mae --embedded --out runs/demo-mae  # small ViT, bundled photos, CPU
     python pretrain/run.py --config runs/demo-mae/config.yaml --out runs/again   # replays a run
 
-The recipe is a preset (--preset; in1k_vit_b by default, embedded_cpu with --embedded), and every field is a
-flag; the run directory's config.yaml records the resolved configuration. Method options (mask ratio, decoder
-size, mixing ratio, ...) are flags too: ``--method mixedae --help`` lists them. A run directory that holds a run
-is continued from its newest checkpoint with --resume, and only with the same model and data settings.
+The recipe is a preset (--preset; in1k_vit_b by default, embedded_cpu with --embedded; mae_vit{b,l}_1600 and
+rcmae_vit{b,l}_1600 are the releases' recipes and choose their method), and every field is a flag; the run
+directory's config.yaml records the resolved configuration and --print-config prints it without running. Method
+options (mask ratio, decoder size, mixing ratio, ...) are flags too: ``--method mixedae --help`` lists them. A run
+directory that holds a run is continued from its newest checkpoint with --resume, and only with the same model
+and data settings. --init starts from a full pretraining checkpoint (encoder and decoder; RC-MAE: student and
+teacher).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 
-from mimbench.core.config import Embedded, add_dataclass_flags, config_parser, exit_status, parse_config
+import yaml
+
+from mimbench.core.config import Embedded, add_dataclass_flags, config_parser, exit_status, parse_config, to_dict
 from mimbench.core.rundir import read_config
 from mimbench.pretrain.data import write_embedded_photos
 from mimbench.pretrain.engine import DEFAULT_PRESET, METHODS, PRESETS, PretrainConfig, Trainer, method_classes, resolve
@@ -29,13 +38,16 @@ EMBEDDED = Embedded(root="runs/datasets/photos-embedded", preset="embedded_cpu",
 
 
 def chosen_method(argv: list[str] | None) -> str:
-    """--method, else the replayed config's, else the default: it decides which option flags exist."""
+    """--method, else the method of a release's --preset, else the replayed config's, else the default: it decides
+    which option flags exist."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--method", choices=list(METHODS))
     pre.add_argument("--config")
+    pre.add_argument("--preset", choices=list(PRESETS))
     known = pre.parse_known_args(argv)[0]
     saved = read_config(known.config).get("run") if known.config else None
-    method = known.method or (saved.get("method") if isinstance(saved, dict) else None)
+    preset_method = PRESETS[known.preset].for_method if known.preset else None
+    method = known.method or preset_method or (saved.get("method") if isinstance(saved, dict) else None)
     return method or PretrainConfig().run.method
 
 
@@ -44,9 +56,12 @@ def parse_args(argv: list[str] | None = None) -> PretrainConfig:
     # ckpt, which and results are the evaluation runs' fields; --arch and --method are added once below (the
     # arch is both a run field and the recipe's, and the method has a fixed set of choices).
     parser = config_parser(PretrainConfig, PROG, __doc__, PRESETS, EMBEDDED,
-                           skip={"ckpt", "which", "results", "arch", "method", "method_options"})
-    parser.add_argument("--method", choices=list(METHODS), help=f"(default: {PretrainConfig().run.method})")
+                           skip={"ckpt", "which", "results", "arch", "method", "method_options", "for_method"})
+    parser.add_argument("--method", choices=list(METHODS),
+                        help=f"(default: a release preset's method, else {PretrainConfig().run.method})")
     parser.add_argument("--arch", help="the ViT to pretrain (default: the preset's)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved configuration (YAML, as config.yaml records it) and exit")
     options = parser.add_argument_group(f"{method} options")
     method_class = method_classes(method)[0]
     option_names = [field.name for field in dataclasses.fields(method_class) if field.name != "arch"]
@@ -56,10 +71,21 @@ def parse_args(argv: list[str] | None = None) -> PretrainConfig:
     given = {name: value for name, value in vars(parser.parse_args(argv)).items()
              if name in option_names and value is not None}
     recipe = dataclasses.replace(config.recipe, method_options={**config.recipe.method_options, **given})
-    return resolve(dataclasses.replace(config, recipe=recipe))
+    run = dataclasses.replace(config.run, method=method)
+    return resolve(dataclasses.replace(config, run=run, recipe=recipe))
+
+
+def print_config(config: PretrainConfig) -> None:
+    """The resolved configuration as config.yaml records it (`mimbench.core.rundir.write_config`'s format)."""
+    print(yaml.safe_dump(json.loads(json.dumps(to_dict(config))), sort_keys=False, default_flow_style=None,
+                         width=120), end="")
 
 
 def main(argv: list[str] | None = None) -> int:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--print-config", action="store_true")
+    if pre.parse_known_args(argv)[0].print_config:
+        return exit_status(lambda: print_config(parse_args(argv)))
     return exit_status(lambda: Trainer(parse_args(argv)).train())
 
 

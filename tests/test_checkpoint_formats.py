@@ -1,4 +1,5 @@
-"""Every supported checkpoint layout, written from a timm ViT, loads to outputs equal to timm's (1e-5).
+"""Every supported checkpoint layout, written from a timm ViT, loads to outputs equal to timm's (1e-5); full
+pretraining checkpoints (official MAE, the RC-MAE release, ours) load into our pretraining models, every key used.
 
 The writers below lay the weights out the way each public codebase saves them (key names and containers
 taken from their save code); they are written independently of the loader's own renaming.
@@ -15,8 +16,17 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from mimbench.backbones.checkpoint import CheckpointMetadata, backbone_from_checkpoint, load_backbone, save_backbone
+from mimbench.backbones.checkpoint import (
+    CheckpointError,
+    CheckpointMetadata,
+    backbone_from_checkpoint,
+    load_backbone,
+    load_pretraining_checkpoint,
+    save_backbone,
+)
 from mimbench.backbones.vit import create_backbone
+from mimbench.pretrain.mae import MAEConfig, MaskedAutoencoder
+from mimbench.pretrain.rcmae import RCMAEConfig, ReconstructionConsistentMAE
 
 TINY = "vit_tiny_patch4_32"
 
@@ -215,3 +225,121 @@ def test_vit_base_from_official_mae_release(tmp_path):
     images = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(images), reference(images), atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------- full pretraining checkpoints
+
+# A tiny MAE: vit_tiny_patch4_32 with a 2-block, 128-wide, 4-head decoder.
+TINY_MAE = dict(arch=TINY, decoder_dim=128, decoder_depth=2, decoder_heads=4)
+
+
+def full_decoder_weights(width: int = 128, depth: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    """MAE's decoder as models_mae.py names it (timm 0.3.2 blocks), every tensor random; decoder_pos_embed too, so
+    a loader that recomputed it instead of reading it would show."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = {"mask_token": (1, 1, width), "decoder_embed.weight": (width, 192), "decoder_embed.bias": (width,),
+              "decoder_pos_embed": (1, 65, width)}
+    for i in range(depth):
+        for name, shape in (("norm1.weight", (width,)), ("norm1.bias", (width,)),
+                            ("attn.qkv.weight", (3 * width, width)), ("attn.qkv.bias", (3 * width,)),
+                            ("attn.proj.weight", (width, width)), ("attn.proj.bias", (width,)),
+                            ("norm2.weight", (width,)), ("norm2.bias", (width,)),
+                            ("mlp.fc1.weight", (4 * width, width)), ("mlp.fc1.bias", (4 * width,)),
+                            ("mlp.fc2.weight", (width, 4 * width)), ("mlp.fc2.bias", (width,))):
+            shapes[f"decoder_blocks.{i}.{name}"] = shape
+    shapes.update({"decoder_norm.weight": (width,), "decoder_norm.bias": (width,),
+                   "decoder_pred.weight": (48, width), "decoder_pred.bias": (48,)})
+    return {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
+
+
+def official_full(seed: int) -> dict[str, torch.Tensor]:
+    """One official MAE model's state dict: the encoder's keys at the top level (timm's names), the decoder's beside."""
+    return {**encoder_only(timm_vit(seed, num_classes=0)), **full_decoder_weights(seed=seed)}
+
+
+def assert_holds(model: torch.nn.Module, weights: dict[str, torch.Tensor], prefix: str = "") -> None:
+    """``model``'s tensors under ``prefix`` are exactly ``weights``: MAE's encoder keys under ``encoder.``."""
+    ours = {k.removeprefix(prefix): v for k, v in model.state_dict().items() if k.startswith(prefix)}
+    encoder_roots = ("cls_token", "pos_embed", "patch_embed", "blocks", "norm")
+    theirs = {("encoder." + k if k.split(".")[0] in encoder_roots else k): v for k, v in weights.items()}
+    assert ours.keys() == theirs.keys()
+    for key, value in theirs.items():
+        assert torch.equal(ours[key], value), key
+
+
+def test_official_mae_full_checkpoint_loads_every_key(tmp_path):
+    weights = official_full(10)
+    torch.save({"model": weights, "optimizer": {"state": {}, "param_groups": []}, "epoch": 1599,
+                "scaler": {"scale": 65536.0}, "args": argparse.Namespace(model="mae_vit_base_patch16")},
+               tmp_path / "mae_pretrain_vit_tiny_full.pth")
+    model = MaskedAutoencoder(MAEConfig(**TINY_MAE))
+    report = load_pretraining_checkpoint(model, tmp_path / "mae_pretrain_vit_tiny_full.pth")
+    assert_holds(model, weights)
+    assert torch.equal(model.decoder_pos_embed, weights["decoder_pos_embed"])  # read, not recomputed
+    assert len(report.loaded) == len(weights) == len(model.state_dict()) and not report.missing
+    assert "full checkpoint" in report.source_format and "'model'" in report.source_format
+
+
+def test_rcmae_release_checkpoint_loads_student_and_teacher(tmp_path):
+    """run_pretrain.py's save_model_distill: ``student`` (DDP-wrapped), ``teacher``, and both without DDP."""
+    student, teacher = official_full(11), official_full(12)
+    torch.save({"student": prefixed("module.", student), "teacher": teacher, "student_without_ddp": student,
+                "teacher_without_ddp": teacher, "optimizer": {"state": {}, "param_groups": []}, "epoch": 1599,
+                "args": argparse.Namespace(model="rc_vit_base_patch16")}, tmp_path / "rc_mae.pth")
+    model = ReconstructionConsistentMAE(RCMAEConfig(**TINY_MAE))
+    report = load_pretraining_checkpoint(model, tmp_path / "rc_mae.pth")
+    assert_holds(model, student, "student.")
+    assert_holds(model, teacher, "teacher.")
+    assert len(report.loaded) == len(model.state_dict()) == 2 * len(student)
+    for which, expected in (("teacher", teacher), ("student", student)):  # a plain MAE takes one of them
+        mae = MaskedAutoencoder(MAEConfig(**TINY_MAE))
+        load_pretraining_checkpoint(mae, tmp_path / "rc_mae.pth", which=which)
+        assert_holds(mae, expected)
+
+
+def test_one_autoencoder_starts_both_halves_of_rcmae(tmp_path):
+    """As RC-MAE's teacher starts as a copy of its student."""
+    weights = official_full(13)
+    torch.save({"model": weights}, tmp_path / "mae_full.pth")
+    model = ReconstructionConsistentMAE(RCMAEConfig(**TINY_MAE))
+    load_pretraining_checkpoint(model, tmp_path / "mae_full.pth")
+    assert_holds(model, weights, "student.")
+    assert_holds(model, weights, "teacher.")
+
+
+def test_our_training_state_round_trips(tmp_path):
+    torch.manual_seed(0)
+    source = ReconstructionConsistentMAE(RCMAEConfig(**TINY_MAE))
+    with torch.no_grad():
+        for param in source.parameters():
+            param.add_(torch.randn_like(param))
+    torch.save({"model": source.state_dict(), "optimizer": {"state": {}, "param_groups": []}, "step": 20},
+               tmp_path / "step_00000020.pth")
+    model = ReconstructionConsistentMAE(RCMAEConfig(**TINY_MAE))
+    load_pretraining_checkpoint(model, tmp_path / "step_00000020.pth")
+    for key, value in source.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("change, problem", [
+    ("encoder only", "holds no decoder (no mask_token): an encoder-only checkpoint"),
+    ("another decoder width", "mask_token is [1, 1, 64] in the file, [1, 1, 128] in the model (another"),
+    ("a tensor left out", "does not fit this MaskedAutoencoder: missing decoder_blocks.1.mlp.fc2.bias"),
+    ("an extra tensor", "does not fit this MaskedAutoencoder: not in the model decoder_blocks.2.norm1.weight"),
+])
+def test_a_full_checkpoint_that_does_not_fit_is_one_error(tmp_path, change, problem):
+    weights = official_full(14)
+    if change == "encoder only":
+        weights = encoder_only(timm_vit(14, num_classes=0))
+    elif change == "another decoder width":
+        weights = {**encoder_only(timm_vit(14, num_classes=0)), **full_decoder_weights(width=64)}
+    elif change == "a tensor left out":
+        del weights["decoder_blocks.1.mlp.fc2.bias"]
+    else:
+        weights["decoder_blocks.2.norm1.weight"] = torch.ones(128)
+    torch.save({"model": weights}, tmp_path / "full.pth")
+    model = MaskedAutoencoder(MAEConfig(**TINY_MAE))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'full.pth'}: {problem}")):
+        load_pretraining_checkpoint(model, tmp_path / "full.pth")
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())  # nothing half-loaded

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -115,12 +116,52 @@ def test_trainer_called_directly_equals_the_cli(photos):
         "decoder_dim": 128, "decoder_depth": 2, "decoder_heads": 4}
     assert (direct.recipe.arch, direct.recipe.epochs, direct.recipe.base_lr) == ("vit_tiny_patch4_32", 10, 6e-4)
 
-    # The paper's preset is the default, and a small arch no longer swaps the decoder behind the user's back.
+    # The paper's preset is the default; the decoder follows the arch (the releases' table), whatever the preset.
     base = parse_args(["--data-root", str(photos), "--arch", "vit_tiny_patch4_32"])
     assert base.preset == "in1k_vit_b" and base.recipe.arch == "vit_tiny_patch4_32"
     assert (base.recipe.epochs, base.recipe.warmup_epochs, base.recipe.base_lr, base.recipe.weight_decay,
-            base.recipe.batch_size) == (300, 40, 1.5e-4, 0.05, 64)
-    assert base.recipe.method_options["decoder_dim"] == 512 and base.recipe.method_options["decoder_depth"] == 8
+            base.recipe.batch_size, base.recipe.total_batch_size) == (300, 40, 1.5e-4, 0.05, 64, 4096)
+    assert base.recipe.method_options["decoder_dim"] == 128 and base.recipe.method_options["decoder_depth"] == 2
+    vit_b = parse_args(["--data-root", str(photos)]).recipe.method_options
+    assert (vit_b["decoder_dim"], vit_b["decoder_depth"], vit_b["decoder_heads"]) == (512, 8, 16)
+
+
+def printed_config(capsys, argv: list[str]) -> dict:
+    assert main([*argv, "--print-config"]) == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_print_config_shows_the_releases_recipes(tmp_path, capsys, monkeypatch):
+    """--preset mae_vitb_1600 --print-config: MAE's PRETRAIN.md recipe (batch 4096, blr 1.5e-4, warmup 40, norm-pix)
+    for 1600 epochs, and the method it is for; RC-MAE's from its scripts (256 per GPU, teacher as released)."""
+    monkeypatch.chdir(tmp_path)
+    mae = printed_config(capsys, ["--preset", "mae_vitb_1600"])
+    recipe = mae["recipe"]
+    assert mae["run"]["method"] == "mae" and mae["preset"] == "mae_vitb_1600"
+    assert (recipe["arch"], recipe["epochs"], recipe["total_batch_size"], recipe["batch_size"], recipe["base_lr"],
+            recipe["warmup_epochs"], recipe["weight_decay"]) == ("vit_base_patch16_224", 1600, 4096, 64, 1.5e-4, 40,
+                                                                 0.05)
+    assert recipe["method_options"] == {
+        "decoder_dim": 512, "decoder_depth": 8, "decoder_heads": 16, "norm_pix_loss": True, "drop_path_rate": 0.0,
+        "mask_ratio": 0.75}
+    assert printed_config(capsys, ["--preset", "mae_vitl_1600"])["recipe"]["arch"] == "vit_large_patch16_224"
+    rcmae = printed_config(capsys, ["--preset", "rcmae_vitl_1600"])
+    options = rcmae["recipe"]["method_options"]
+    assert rcmae["run"]["method"] == "rcmae" and rcmae["recipe"]["arch"] == "vit_large_patch16_224"
+    assert (rcmae["recipe"]["batch_size"], rcmae["recipe"]["total_batch_size"], rcmae["recipe"]["epochs"]) == (
+        256, 4096, 1600)
+    assert (options["teacher_schedule"], options["momentum_start"], options["consistency_weight"],
+            options["norm_pix_loss"], options["mask_ratio"]) == ("release", 0.996, 1.0, True, 0.75)
+    assert printed_config(capsys, ["--preset", "rcmae_vitb_1600", "--epochs", "800"])["recipe"]["epochs"] == 800
+    assert not list(tmp_path.iterdir())  # printed, nothing run or written
+
+
+def test_a_release_preset_with_another_method_is_one_line(tmp_path, capsys):
+    assert main(["--preset", "rcmae_vitb_1600", "--method", "mae", "--data-root", str(tmp_path),
+                 "--out", str(tmp_path / "o")]) == 1
+    assert "preset 'rcmae_vitb_1600' is the rcmae release's recipe, not mae's; run it with --method rcmae" in (
+        error_line(capsys))
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("content, expected", [

@@ -1,8 +1,12 @@
-"""The shared engine: exact resume after SIGKILL, NaN stop, two gloo processes, export, CLI errors."""
+"""The shared engine: exact resume after SIGKILL, NaN stop, two gloo processes, export, CLI errors, RC-MAE's
+teacher updates as the release makes them, the total batch by accumulation, and runs started from a full
+checkpoint."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -15,10 +19,11 @@ import torch
 from timm.models.vision_transformer import Attention
 
 from mimbench.backbones.checkpoint import backbone_from_checkpoint, read_checkpoint
-from mimbench.core.errors import TrainingDiverged
+from mimbench.core.errors import ConfigError, TrainingDiverged
 from mimbench.core.runtime import learning_rate
 from mimbench.pretrain.data import write_embedded_photos
-from mimbench.pretrain.engine import PretrainRecipe, Trainer, checkpoint_paths
+from mimbench.pretrain.engine import PRESETS, PretrainRecipe, Trainer, accumulation_steps, checkpoint_paths
+from mimbench.pretrain.rcmae import teacher_momentum
 from mimbench.pretrain.run import main, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,3 +164,81 @@ def test_flags_follow_the_config_dataclasses(tmp_path, monkeypatch):
     assert recipe.method_options["decoder_dim"] == 128  # the embedded preset's small decoder
     assert parse_args(["--method", "mae", "--data-root", "/data", "--compile"]).recipe.compile is True
     assert parse_args(["--method", "mae", "--data-root", "/data"]).recipe.compile is None  # None: on CUDA only
+
+
+# ------------------------------------------------------------------------------------- RC-MAE's teacher
+
+
+@pytest.mark.parametrize("schedule", ["release", "cosine"])
+def test_teacher_updates_over_two_epochs_of_two_micro_batches(tmp_path, tiny_run, schedule):
+    """2 epochs x 2 micro-batches, accumulation 2 (one optimizer step per epoch). ``release`` (youngwanLEE/rc-mae
+    engine_pretrain.py): the EMA after each of the 4 micro-batches, m = momentum_schedule[index within the epoch] of
+    DINO's cosine_scheduler(0.996, 1, epochs=2, niter_per_ep=2): 0.996, 0.99659, 0.996, 0.99659 (in a 1600-epoch
+    run, 0.996 each time to 1e-8). ``cosine``: after each of the 2 steps, m on the global cosine: 0.998, then 1."""
+    trainer = Trainer(parse_args(["--method", "rcmae", *tiny_run, "--samples-per-epoch", "16", "--batch-size", "8",
+                                  "--accum-steps", "2", "--teacher-schedule", schedule, "--out", str(tmp_path)]))
+    model = trainer.model
+    teacher = [param.detach().clone() for param in model.teacher.parameters()]
+    seen = []
+    update = model.update_teacher
+
+    def spy(momentum):
+        seen.append((momentum, [param.detach().clone() for param in model.student.parameters()]))
+        update(momentum)
+
+    model.update_teacher = spy
+    trainer.train()
+    schedule_of_release = [1 - 0.004 * (1 + math.cos(math.pi * i / 4)) / 2 for i in range(4)]  # cosine_scheduler
+    expected = {"release": [schedule_of_release[i] for i in (0, 1, 0, 1)],
+                "cosine": [teacher_momentum(1, 2, 0.996, 1.0), teacher_momentum(2, 2, 0.996, 1.0)]}[schedule]
+    assert [m for m, _ in seen] == pytest.approx(expected)
+    if schedule == "release":
+        assert expected[0] == 0.996 and expected[1] == pytest.approx(0.99659, abs=1e-5)
+    else:
+        assert expected == [pytest.approx(0.998), 1.0]
+    for momentum, student in seen:  # the teacher is exactly these updates applied in turn to the initial copy
+        teacher = [momentum * t + (1 - momentum) * s for t, s in zip(teacher, student)]
+    for got, want in zip(model.teacher.parameters(), teacher):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    if schedule == "release":  # an epoch's first update comes before its step, its second after it
+        qkv = [name for name, _ in model.student.named_parameters()].index("encoder.blocks.0.attn.qkv.weight")
+        assert torch.equal(seen[1][1][qkv], seen[2][1][qkv]) and not torch.equal(seen[2][1][qkv], seen[3][1][qkv])
+
+
+def test_total_batch_size_is_reached_by_accumulation():
+    """MAE's 4096 on any number of processes; RC-MAE's scripts: 256 x 8 GPUs x 2."""
+    base, rcmae = PRESETS["in1k_vit_b"], PRESETS["rcmae_vitb_1600"]
+    assert base.total_batch_size == rcmae.total_batch_size == 4096
+    assert [accumulation_steps(base, world) for world in (1, 8, 64)] == [64, 8, 1]
+    assert accumulation_steps(rcmae, 8) == 2 and accumulation_steps(rcmae, 16) == 1
+    assert accumulation_steps(PretrainRecipe(total_batch_size=None, accum_steps=3), 2) == 3
+    assert accumulation_steps(dataclasses.replace(base, accum_steps=8), 8) == 8  # agreeing is fine
+    with pytest.raises(ConfigError, match="--total-batch-size 4096 is not a multiple of batch 64 x 3 process"):
+        accumulation_steps(base, 3)
+    with pytest.raises(ConfigError, match="--accum-steps 4 disagrees with --total-batch-size 4096"):
+        accumulation_steps(dataclasses.replace(base, accum_steps=4), 8)
+
+
+# ------------------------------------------------------------------------------------------ --init
+
+
+def test_init_starts_the_run_from_a_full_checkpoint(tmp_path, tiny_run):
+    source = Trainer(parse_args(["--method", "rcmae", *tiny_run, "--seed", "3", "--out", str(tmp_path / "a")]))
+    torch.save({"model": source.model.state_dict(), "epoch": 7}, tmp_path / "full.pth")
+    trainer = Trainer(parse_args(["--method", "rcmae", *tiny_run, "--init", str(tmp_path / "full.pth"),
+                                  "--out", str(tmp_path / "b")]))
+    before = trainer.model.state_dict()
+    assert not torch.equal(before["student.mask_token"], source.model.state_dict()["student.mask_token"])
+    assert trainer.initialize().startswith(f"{tmp_path / 'full.pth'} (full checkpoint")
+    for key, value in source.model.state_dict().items():
+        assert torch.equal(trainer.model.state_dict()[key], value), key
+
+
+def test_init_from_an_encoder_only_file_is_one_line(tmp_path, tiny_run, capsys):
+    encoder = tmp_path / "encoder.pth"
+    torch.save(Trainer(parse_args(["--method", "mae", *tiny_run, "--out", str(tmp_path / "a")])).model.encoder
+               .state_dict(), encoder)
+    assert main(["--method", "mae", *tiny_run, "--init", str(encoder), "--out", str(tmp_path / "b")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {encoder}: holds no decoder") and "\n" not in err
+    assert not checkpoint_paths(tmp_path / "b")

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from timm.layers.pos_embed_rel import gen_relative_position_index
 
 from mimbench.backbones.checkpoint import CheckpointError, CheckpointMetadata, save_backbone
 from mimbench.backbones.vit import create_backbone
+from mimbench.backbones.vit_additions import RelPosAttention, relative_position_index
 from mimbench.core.config import RunSpec, to_dict
 from mimbench.core.errors import ConfigError, DatasetError
 from mimbench.core.io import file_sha256
@@ -138,6 +140,84 @@ def test_bad_checkpoint_is_one_line_before_hashing(tmp_path, monkeypatch, capsys
         error = capsys.readouterr().err
         assert error.startswith("error: ") and problem in error and error.count("\n") == 1, error
     assert not (tmp_path / "run").exists()  # nothing written either
+
+
+# mmseg's MAE config on the small recipe: a relative position bias (slide inference) and layer scale 1.0.
+PROTOCOL = dataclasses.replace(SMALL, test_mode="slide", slide_stride=48, relative_position_bias=True, layer_scale=1.0)
+
+
+def test_the_paper_preset_adds_relative_position_bias_and_layer_scale_the_cpu_demo_does_not():
+    paper, demo = ade20k.PRESETS["upernet_vitb_160k"], ade20k.PRESETS["embedded_cpu"]
+    assert (paper.relative_position_bias, paper.layer_scale) == (True, 1.0)  # mmseg MAE: MAEAttention, init_values=1
+    assert (demo.relative_position_bias, demo.layer_scale) == (False, None)
+    off = ade20k.parse_args(["--ckpt", "x.pth", "--no-relative-position-bias", "--layer-scale", "0.1"]).recipe
+    assert (off.relative_position_bias, off.layer_scale) == (False, 0.1)
+
+
+def test_relative_position_index_is_beits():
+    """BEiT's / mmseg BEiTAttention's index (timm's gen_relative_position_index with a class token); a grid smaller
+    than the window reads the window's entries for the same token positions."""
+    for window in ((8, 8), (4, 5)):
+        timm_index = gen_relative_position_index(window, class_token=True)
+        assert torch.equal(relative_position_index(window, window), timm_index)
+    full = relative_position_index((8, 8), (8, 8))
+    tokens = torch.tensor([0] + [1 + r * 8 + c for r in range(3) for c in range(5)])  # a 3 x 5 corner, class first
+    assert torch.equal(relative_position_index((3, 5), (8, 8)), full[tokens][:, tokens])
+    with pytest.raises(ValueError, match="a 8x9 token grid exceeds the 8x8 window"):
+        relative_position_index((8, 9), (8, 8))
+
+
+def test_transfer_additions_start_from_the_pretrained_vit(checkpoint, vit, one_thread):
+    """The checkpoint's weights load as they are, the tables start at zero and layer scale at one: the backbone
+    computes exactly what the plain ViT does until training moves them."""
+    backbone = ade20k.build_segmentor(str(checkpoint), num_classes=5, recipe=PROTOCOL).backbone
+    plain = ade20k.build_segmentor(str(checkpoint), num_classes=5, recipe=SMALL).backbone
+    expected, built = vit.state_dict(), backbone.net.state_dict()
+    added = {key for key in built if key not in expected}
+    assert added == {f"blocks.{i}.{name}" for i in range(12)
+                     for name in ("attn.relative_position_bias_table", "ls1.gamma", "ls2.gamma")}
+    for key in set(built) - added:
+        assert torch.equal(built[key], expected[key]), key
+    for i in range(12):
+        assert torch.equal(built[f"blocks.{i}.attn.relative_position_bias_table"], torch.zeros(15 * 15 + 3, 3))
+        assert torch.equal(built[f"blocks.{i}.ls1.gamma"], torch.ones(192))
+        assert torch.equal(built[f"blocks.{i}.ls2.gamma"], torch.ones(192))
+    for shape in ((2, 3, 64, 64), (1, 3, 64, 48)):  # the crop, and a slide window cut by the image border
+        images = torch.randn(shape)
+        with torch.no_grad():
+            for got, want in zip(backbone(images), plain(images)):
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_relative_position_bias_is_added_to_each_heads_logits(checkpoint, one_thread):
+    backbone = ade20k.build_segmentor(str(checkpoint), num_classes=5, recipe=PROTOCOL).backbone
+    attention = backbone.net.blocks[4].attn
+    assert isinstance(attention, RelPosAttention) and attention.window == (8, 8)
+    with torch.no_grad():
+        attention.relative_position_bias_table.normal_()
+        x = torch.randn(2, 65, 192)
+        q, k, v = attention.qkv(x).reshape(2, 65, 3, 3, 64).permute(2, 0, 3, 1, 4)
+        table = attention.relative_position_bias_table
+        bias = table[gen_relative_position_index((8, 8), class_token=True).view(-1)].view(65, 65, 3).permute(2, 0, 1)
+        weights = (q @ k.transpose(-2, -1) / 8 + bias).softmax(dim=-1)
+        expected = attention.proj((weights @ v).transpose(1, 2).reshape(2, 65, 192))
+        torch.testing.assert_close(attention(x), expected, rtol=0, atol=1e-5)
+
+
+def test_relative_position_bias_needs_slide_inference(checkpoint, resnet_checkpoint, one_thread):
+    with pytest.raises(ConfigError, match="--relative-position-bias needs --test-mode slide"):
+        ade20k.build_segmentor(str(checkpoint), num_classes=5, recipe=dataclasses.replace(PROTOCOL, test_mode="whole"))
+    resnet = ade20k.build_segmentor(str(resnet_checkpoint), num_classes=5, recipe=PROTOCOL).backbone
+    assert not any("relative_position" in key or "gamma" in key for key in resnet.state_dict())  # a ViT's only
+
+
+def test_layer_decay_of_the_transfer_additions(checkpoint, one_thread):
+    """As mmseg's LearningRateDecayOptimizerConstructor: a block's bias table at its block's lr and decayed (2-D),
+    layer scale (1-D) not decayed."""
+    lr_of, decay_of = layer_decay_groups(ade20k.build_segmentor(str(checkpoint), num_classes=5, recipe=PROTOCOL), 0.65)
+    table, gamma = "backbone.net.blocks.4.attn.relative_position_bias_table", "backbone.net.blocks.4.ls1.gamma"
+    assert lr_of[table] == lr_of[gamma] == pytest.approx(1e-3 * 0.65 ** (12 - 4))
+    assert decay_of[table] == 0.05 and decay_of[gamma] == 0.0
 
 
 def test_layer_decay_scales_blocks_and_keeps_heads_at_base_lr(checkpoint, one_thread):
@@ -420,6 +500,24 @@ def test_short_cpu_run_learns_the_embedded_scenes(tmp_path, checkpoint, one_thre
     assert result.metrics["aAcc"] > 100 * background  # measured 81.9 (seed 1: 79.8) against 78.8
     overlays = sorted((out / "overlays").glob("*.png"))
     assert len(overlays) == 2 and Image.open(overlays[0]).size == (3 * 64, 64)
+
+
+@pytest.mark.slow
+def test_the_transfer_additions_train_through_the_runner(tmp_path, checkpoint, one_thread):
+    """The paper protocol's relative position bias and layer scale on the small recipe, through mmengine's Runner:
+    both are trained (they leave zero and one), and slide inference scores the run."""
+    store, out = tmp_path / "results.jsonl", tmp_path / "run"
+    argv = ["--ckpt", str(checkpoint), "--data-root", str(scenes(tmp_path / "scenes", train=8, val=2)), "--out",
+            str(out), "--results", str(store), *SMALL_FLAGS, "--batch-size", "2", "--max-iters", "6",
+            "--warmup-iters", "2", "--lr", "1e-3", "--layer-decay", "1.0", "--relative-position-bias", "--layer-scale",
+            "1.0", "--test-mode", "slide", "--slide-stride", "48"]
+    assert ade20k.main(argv) == 0
+    (result,) = records(store)
+    assert result.config["recipe"]["relative_position_bias"] is True and result.config["recipe"]["layer_scale"] == 1.0
+    trained = mmseg_compat.load_mmengine_checkpoint(str(ade20k.last_checkpoint(out)), "cpu")["state_dict"]
+    table = trained["backbone.net.blocks.0.attn.relative_position_bias_table"]
+    gamma = trained["backbone.net.blocks.0.ls1.gamma"]
+    assert table.abs().max() > 0 and not torch.equal(gamma, torch.ones(192))
 
 
 @pytest.mark.slow

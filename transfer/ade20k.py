@@ -5,8 +5,10 @@
     python transfer/run.py ade20k --ckpt x.pth --embedded          # generated ADE-format scenes, CPU, minutes
     python transfer/run.py ade20k --config runs/transfer/ade20k/.../config.yaml --out runs/again   # a replay
 
-The protocol is MAE/BEiT's (mmseg's ``mae-base_upernet_8xb2-amp-160k_ade20k-512x512``): a ViT's blocks 4, 6, 8
-and 12 (ViT-B) feed Feature2Pyramid (rescales 4, 2, 1, 0.5); a hierarchical backbone (ResNet, MPViT, ...) feeds
+The protocol is MAE/BEiT's (mmseg's ``mae-base_upernet_8xb2-amp-160k_ade20k-512x512``): a ViT, given a relative
+position bias in every block (zero at the start) and layer scale (1.0 at the start), both added after its
+pretrained weights load (``backbones/vit_additions.py``), feeds its blocks 4, 6, 8 and 12 (ViT-B) to
+Feature2Pyramid (rescales 4, 2, 1, 0.5); a hierarchical backbone (ResNet, MPViT, ...) feeds
 its four stages directly, as mmseg's ResNet UperNet configs do. A UPerHead decodes, an FCNHead on the third level
 adds an auxiliary loss (weight 0.4); AdamW with layer-wise lr decay, linear warmup then poly decay, slide
 inference, mIoU / mAcc / aAcc by mmseg's IoUMetric. Everything the adapter asks of the backbone goes through
@@ -65,6 +67,7 @@ from mimbench.backbones.checkpoint import (  # noqa: E402
 from mimbench.backbones.contract import BackboneContract, backbone_contract  # noqa: E402
 from mimbench.backbones.layer_decay import layer_decay_param_groups  # noqa: E402
 from mimbench.backbones.vit import create_backbone  # noqa: E402
+from mimbench.backbones.vit_additions import add_layer_scale, add_relative_position_bias  # noqa: E402
 from mimbench.core.config import Embedded, RunSpec, exit_status, parse_config, to_dict  # noqa: E402
 from mimbench.core.errors import ConfigError, DatasetError  # noqa: E402
 from mimbench.core.io import file_sha256  # noqa: E402
@@ -111,6 +114,11 @@ class SegmentationPreset:
     fp16_without_bf16: bool
     test_mode: str  # "slide" (crop_size windows, slide_stride apart) or "whole"
     slide_stride: int
+    # Added to a plain ViT for the transfer, after its weights load (a hierarchical backbone has neither): a
+    # relative position bias per block over the crop's token grid, starting at zero (needs slide inference,
+    # whose windows never exceed that grid), and layer scale starting at this value (None: none).
+    relative_position_bias: bool
+    layer_scale: float | None
     val_interval: int
     checkpoint_interval: int
     log_interval: int
@@ -136,6 +144,8 @@ UPERNET_VITB_160K = SegmentationPreset(
     fp16_without_bf16=True,  # the config's "amp": fp16 with loss_scale='dynamic'
     test_mode="slide",  # test_cfg mode='slide', crop_size (512, 512), stride (341, 341)
     slide_stride=341,
+    relative_position_bias=True,  # backbone type='MAE': MAEAttention, its table initialised at zero
+    layer_scale=1.0,  # backbone init_values=1.0
     val_interval=16_000,  # schedule_160k.py: val_interval=16000, CheckpointHook interval=16000
     checkpoint_interval=16_000,
     log_interval=50,  # schedule_160k.py: LoggerHook interval=50
@@ -146,12 +156,12 @@ PRESETS: dict[str, SegmentationPreset] = {
     "upernet_vitb_160k": UPERNET_VITB_160K,
     # The embedded scenes on a CPU (see README): 64² images (16×16 tokens for the demo's patch-4 ViTs, as the
     # COCO preset), whole-image inference, a narrow head, 100 iterations of 4 images, no validation during
-    # training, no worker processes.
+    # training, no worker processes, the pretrained ViT as it is (no relative position bias, no layer scale).
     "embedded_cpu": dataclasses.replace(
         UPERNET_VITB_160K, crop_size=64, resize_scale=(256, 64), ratio_range=(0.75, 1.5), photometric=False,
         max_iters=100, batch_size=4, lr=4e-4, layer_decay=0.75, drop_path_rate=0.0, warmup_iters=10,
         head_channels=64, aux_channels=32, test_mode="whole", val_interval=10**9, checkpoint_interval=50,
-        log_interval=10, num_workers=0),
+        log_interval=10, num_workers=0, relative_position_bias=False, layer_scale=None),
 }
 
 
@@ -358,10 +368,12 @@ def architecture_contract(arch: str) -> BackboneContract:
 class MimbenchBackbone(BaseModule):
     """Any of our backbones as an mmseg backbone, through its contract: the maps of its levels (a ViT: the patch
     tokens after blocks 4, 6, 8, 12 of 12; a hierarchical backbone: its four stages), loaded from ``checkpoint``
-    by our loader, which raises CheckpointError unless every encoder weight loads."""
+    by our loader, which raises CheckpointError unless every encoder weight loads. A ViT then gets what the recipe
+    adds for the transfer (``relative_position_bias``, ``layer_scale``), starting where it changes nothing."""
 
     def __init__(self, checkpoint: str, arch: str, which: str = "teacher", img_size: int = 512,
-                 drop_path_rate: float = 0.0) -> None:
+                 drop_path_rate: float = 0.0, relative_position_bias: bool = False,
+                 layer_scale: float | None = None) -> None:
         super().__init__()
         options: dict[str, Any] = dict(drop_path_rate=drop_path_rate)
         if architecture_contract(arch).kind == "plain":
@@ -376,6 +388,10 @@ class MimbenchBackbone(BaseModule):
         if self.contract.kind == "plain":
             # The final norm and blocks past the last output never get a gradient (DDP rejects unused parameters).
             self.net.prune_intermediate_layers(list(self.contract.blocks), prune_norm=True, prune_head=True)
+            if relative_position_bias:
+                add_relative_position_bias(self.net)
+            if layer_scale is not None:
+                add_layer_scale(self.net, layer_scale)
 
     def init_weights(self) -> None:
         """Nothing to do: the weights came from the checkpoint (and timm's own init_weights would redraw them
@@ -424,6 +440,9 @@ def segmentor_config(checkpoint: str, arch: str, num_classes: int, recipe: Segme
         test_cfg = dict(mode="slide", crop_size=crop, stride=(recipe.slide_stride, recipe.slide_stride))
     else:
         test_cfg = dict(mode="whole")
+    if recipe.relative_position_bias and recipe.test_mode != "slide" and contract.kind == "plain":
+        raise ConfigError("--relative-position-bias needs --test-mode slide: the bias covers the crop's token grid, "
+                          "and whole images are larger")
     if contract.kind == "plain":  # one stride: a simple pyramid makes strides 4 to 32 of it
         neck = dict(type="Feature2Pyramid", embed_dim=levels[0].channels, rescales=[4, 2, 1, 0.5],
                     norm_cfg=norm_cfg)
@@ -435,7 +454,8 @@ def segmentor_config(checkpoint: str, arch: str, num_classes: int, recipe: Segme
         data_preprocessor=dict(type="SegDataPreProcessor", mean=IMAGENET_MEAN_255, std=IMAGENET_STD_255,
                                bgr_to_rgb=True, pad_val=0, seg_pad_val=IGNORE_INDEX, size=crop),
         backbone=dict(type="MimbenchBackbone", checkpoint=str(checkpoint), arch=arch, which=which,
-                      img_size=recipe.crop_size, drop_path_rate=recipe.drop_path_rate),
+                      img_size=recipe.crop_size, drop_path_rate=recipe.drop_path_rate,
+                      relative_position_bias=recipe.relative_position_bias, layer_scale=recipe.layer_scale),
         neck=neck,
         decode_head=dict(type="UPerHead", in_channels=in_channels, in_index=[0, 1, 2, 3],
                          pool_scales=(1, 2, 3, 6), channels=recipe.head_channels, dropout_ratio=0.1,
