@@ -1,0 +1,221 @@
+"""The loss-landscape study: directions, surfaces, losses, curvature and its entry point, on values."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from mimbench.landscape.directions import (line_direction, load_directions, random_directions, save_directions)
+from mimbench.landscape.losses import loss_measure
+from mimbench.landscape.surface import Grid, evaluate, read_points
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Quadratic(nn.Module):
+    """loss(θ) = ½ θᵀAθ + bᵀθ over θ = vec(weight); a bias (1 dim) and a frozen matrix never move."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.weight = nn.Parameter(torch.randn(3, 2, generator=generator))
+        self.bias = nn.Parameter(torch.randn(2, generator=generator))
+        self.frozen = nn.Parameter(torch.randn(2, 2, generator=generator), requires_grad=False)
+        q = torch.randn(6, 6, generator=generator, dtype=torch.float64)
+        self.eigenvalues = torch.tensor([-2.0, -0.5, 0.3, 1.0, 2.5, 4.0], dtype=torch.float64)
+        basis, _ = torch.linalg.qr(q)
+        self.register_buffer("a", (basis @ torch.diag(self.eigenvalues) @ basis.T).float())
+        self.register_buffer("b", torch.randn(6, generator=generator))
+
+    def forward(self) -> torch.Tensor:
+        theta = self.weight.flatten()
+        return 0.5 * theta @ self.a @ theta + self.b @ theta + 0 * self.bias.sum() + 0 * self.frozen.sum()
+
+
+def quadratic_loss(model: Quadratic) -> torch.Tensor:
+    return model()
+
+
+class NoisyMLP(nn.Module):
+    """A small nonlinear model whose loss draws random numbers, as masks do: determinism must come from reseeding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 1))
+        self.inputs = torch.randn(16, 4)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        keep = (torch.rand(images.shape) > 0.5).float()
+        return self.net(images * keep).pow(2).mean(), {}
+
+
+def noisy_measure():
+    from mimbench.landscape.losses import pretraining_loss
+    batches = [torch.linspace(-1, 1, 32).reshape(8, 4), torch.linspace(-2, 1, 16).reshape(4, 4)]
+    return loss_measure(pretraining_loss(batches, seed=3))
+
+
+# --------------------------------------------------------------------------------------------- directions
+
+
+def test_filter_normalisation_matches_each_weight_slice_and_leaves_the_rest_at_zero():
+    model = Quadratic()
+    delta, eta = random_directions(model, seed=5)
+    assert list(delta) == ["weight", "bias", "frozen"]
+    for direction in (delta, eta):
+        torch.testing.assert_close(direction["weight"].norm(dim=1), model.weight.detach().norm(dim=1),
+                                   rtol=1e-6, atol=0)
+        assert torch.count_nonzero(direction["bias"]) == 0  # 1 dim
+        assert torch.count_nonzero(direction["frozen"]) == 0  # requires_grad False
+    assert not torch.equal(delta["weight"], eta["weight"])
+    again, _ = random_directions(model, seed=5)
+    assert torch.equal(again["weight"], delta["weight"])
+    assert not torch.equal(random_directions(model, seed=6)[0]["weight"], delta["weight"])
+
+
+def test_filter_normalisation_on_a_conv_and_the_frozen_sincos_pos_embed():
+    from mimbench.pretrain.mae import MAEConfig, MaskedAutoencoder
+    model = MaskedAutoencoder(MAEConfig(arch="vit_tiny_patch4_32", decoder_dim=32, decoder_depth=1, decoder_heads=2))
+    (delta,) = random_directions(model, seed=0, count=1)
+    weights = dict(model.named_parameters())
+    conv = "encoder.patch_embed.proj.weight"  # (192, 3, 4, 4): slices are the output filters
+    torch.testing.assert_close(delta[conv].flatten(1).norm(dim=1), weights[conv].detach().flatten(1).norm(dim=1),
+                               rtol=1e-5, atol=0)
+    assert not weights["encoder.pos_embed"].requires_grad
+    assert torch.count_nonzero(delta["encoder.pos_embed"]) == 0
+    assert torch.count_nonzero(delta["encoder.blocks.0.norm1.weight"]) == 0
+    assert torch.count_nonzero(delta["encoder.blocks.0.attn.qkv.weight"]) > 0
+
+
+def test_saved_directions_come_back_exactly(tmp_path):
+    model = Quadratic()
+    directions = random_directions(model, seed=1)
+    save_directions(tmp_path / "d.pt", directions, {"seed": 1, "kind": "random"})
+    loaded, description = load_directions(tmp_path / "d.pt")
+    assert description == {"seed": 1, "kind": "random"}
+    for a, b in zip(directions, loaded):
+        assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+# ----------------------------------------------------------------------------------------------- surfaces
+
+
+def analytic_surface(model: Quadratic, delta, eta, grid: Grid) -> np.ndarray:
+    a, b = model.a.double().numpy(), model.b.double().numpy()
+    centre = model.weight.detach().double().flatten().numpy()
+    d, e = delta["weight"].double().flatten().numpy(), eta["weight"].double().flatten().numpy()
+    values = np.empty(grid.shape)
+    for j, beta in enumerate(grid.y):
+        for i, alpha in enumerate(grid.x):
+            theta = centre + alpha * d + beta * e
+            values[j, i] = 0.5 * theta @ a @ theta + b @ theta
+    return values
+
+
+def test_a_quadratic_gives_the_analytic_surface_on_a_non_square_grid(tmp_path):
+    model = Quadratic()
+    centre = model.weight.detach().clone()
+    delta, eta = random_directions(model, seed=2)
+    grid = Grid.rectangle((-1.0, 2.0), 7, (-0.5, 0.5), 3)  # 7 α values along x, 3 β values along y
+    surface = evaluate(model, loss_measure(quadratic_loss), [delta, eta], grid, tmp_path)["loss"]
+    assert surface.shape == (3, 7)
+    np.testing.assert_allclose(surface, analytic_surface(model, delta, eta, grid), rtol=1e-5, atol=1e-5)
+    assert torch.equal(model.weight, centre)  # the centre is restored
+    # α runs along x: moving along x (α) follows δ alone
+    x_only = Grid((2.0,), (0.0,))
+    (alpha_point,) = evaluate(model, loss_measure(quadratic_loss), [delta, eta], x_only, tmp_path / "x")["loss"].flat
+    np.testing.assert_allclose(alpha_point, surface[1, 6], rtol=1e-6)
+
+
+def test_the_same_surface_twice_is_bit_identical(tmp_path):
+    model = NoisyMLP()
+    directions = random_directions(model, seed=0)
+    grid = Grid.rectangle((-1, 1), 5, (-1, 1), 4)
+    first = evaluate(model, noisy_measure(), directions, grid, tmp_path / "a")["loss"]
+    second = evaluate(model, noisy_measure(), directions, grid, tmp_path / "b")["loss"]
+    assert np.array_equal(first, second)
+    assert len(np.unique(first)) == first.size  # a real surface, not one constant
+
+
+def test_a_curve_and_the_line_between_two_checkpoints(tmp_path):
+    model = Quadratic()
+    start = {name: p.detach().clone() for name, p in model.named_parameters()}
+    end = {name: p + 1.0 for name, p in start.items()}
+    direction = line_direction(start, end, model)
+    assert torch.equal(direction["weight"], torch.ones(3, 2)) and torch.count_nonzero(direction["frozen"]) == 0
+    curve = evaluate(model, loss_measure(quadratic_loss), [direction], Grid.rectangle((0, 1), 3), tmp_path)["loss"]
+    assert curve.shape == (3,)
+    model.weight.data += 1.0
+    np.testing.assert_allclose(curve[-1], float(model().detach()), rtol=1e-6)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_run_killed_mid_grid_resumes_and_ends_identical(tmp_path):
+    model = NoisyMLP()
+    directions = random_directions(model, seed=0)
+    grid = Grid.rectangle((-1, 1), 4, (-1, 1), 3)
+    measure, calls = noisy_measure(), []
+
+    def dies_after_five(m):
+        if len(calls) == 5:
+            raise Killed
+        calls.append(1)
+        return measure(m)
+
+    with pytest.raises(Killed):
+        evaluate(model, dies_after_five, directions, grid, tmp_path / "killed")
+    assert sorted(read_points(tmp_path / "killed")) == [0, 1, 2, 3, 4]
+    with open(tmp_path / "killed" / "points" / "rank0.jsonl", "a") as f:
+        f.write('{"k": 5, "values": {"loss": "0x1.')  # a line cut by SIGKILL mid-write
+    resumed_calls = []
+
+    def counting(m):
+        resumed_calls.append(1)
+        return measure(m)
+
+    resumed = evaluate(model, counting, directions, grid, tmp_path / "killed")["loss"]
+    assert len(resumed_calls) == len(grid) - 5  # only the missing points were computed
+    whole = evaluate(model, measure, directions, grid, tmp_path / "whole")["loss"]
+    assert np.array_equal(resumed, whole)
+
+
+WORKER = """
+    import sys
+    import numpy as np
+    sys.path.insert(0, {tests!r})
+    from test_landscape import NoisyMLP, noisy_measure
+    from mimbench.core.runtime import init_distributed
+    from mimbench.landscape.directions import random_directions
+    from mimbench.landscape.surface import Grid, evaluate
+
+    dist = init_distributed("cpu")
+    model = NoisyMLP()
+    values = evaluate(model, noisy_measure(), random_directions(model, seed=0), Grid.rectangle((-1, 1), 5, (-1, 1), 3),
+                      sys.argv[1], dist.rank, dist.world_size)
+    if dist.is_main:
+        np.save(sys.argv[2], values["loss"])
+"""
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one_process(tmp_path, free_port):
+    script = tmp_path / "worker.py"
+    script.write_text(textwrap.dedent(WORKER.format(tests=str(ROOT / "tests"))))
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                    str(free_port), str(script), str(tmp_path / "ddp"), str(tmp_path / "ddp.npy")],
+                   env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True, capture_output=True, timeout=300)
+    assert sorted(p.name for p in (tmp_path / "ddp" / "points").iterdir()) == ["rank0.jsonl", "rank1.jsonl"]
+    model = NoisyMLP()
+    single = evaluate(model, noisy_measure(), random_directions(model, seed=0), Grid.rectangle((-1, 1), 5, (-1, 1), 3),
+                      tmp_path / "single")["loss"]
+    assert np.array_equal(np.load(tmp_path / "ddp.npy"), single)
