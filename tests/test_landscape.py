@@ -219,3 +219,37 @@ def test_two_gloo_processes_equal_one_process(tmp_path, free_port):
     single = evaluate(model, noisy_measure(), random_directions(model, seed=0), Grid.rectangle((-1, 1), 5, (-1, 1), 3),
                       tmp_path / "single")["loss"]
     assert np.array_equal(np.load(tmp_path / "ddp.npy"), single)
+
+
+# ---------------------------------------------------------------------------------------------- curvature
+
+
+def test_lanczos_gives_the_quadratics_analytic_eigenvalues_everywhere(tmp_path):
+    from mimbench.landscape.curvature import convex_share, convexity_ratio, curvature_measure, hessian_extremes
+    model = Quadratic()
+    # 8 parameters: the weight's 6 with eigenvalues -2 ... 4, the bias's 2 with 0 (it enters with weight 0)
+    lambda_min, lambda_max = hessian_extremes(quadratic_loss, model, iterations=8)
+    assert lambda_min == pytest.approx(-2.0, abs=1e-4) and lambda_max == pytest.approx(4.0, abs=1e-4)
+    # the Hessian of a quadratic is constant: the same pair at every point of a coarse grid
+    grid = Grid.rectangle((-1, 1), 3, (-1, 1), 2)
+    curvature = evaluate(model, curvature_measure(quadratic_loss, iterations=8), random_directions(model, 0), grid,
+                         tmp_path)
+    np.testing.assert_allclose(curvature["lambda_min"], np.full((2, 3), -2.0), atol=1e-4)
+    np.testing.assert_allclose(curvature["lambda_max"], np.full((2, 3), 4.0), atol=1e-4)
+    np.testing.assert_allclose(convexity_ratio(curvature["lambda_min"], curvature["lambda_max"]), 0.5, atol=1e-4)
+    assert convex_share(curvature["lambda_min"], curvature["lambda_max"], epsilon=0.6) == 1.0
+    assert convex_share(curvature["lambda_min"], curvature["lambda_max"], epsilon=0.4) == 0.0
+
+
+def test_curvature_runs_through_a_vit_with_the_math_attention_path():
+    from mimbench.landscape.curvature import hessian_extremes, math_attention
+    from mimbench.landscape.losses import pretraining_loss
+    from mimbench.pretrain.mae import MAEConfig, MaskedAutoencoder
+    torch.manual_seed(0)
+    model = math_attention(MaskedAutoencoder(MAEConfig(arch="vit_tiny_patch4_32", decoder_dim=32, decoder_depth=1,
+                                                       decoder_heads=2))).eval()
+    assert not any(getattr(m, "fused_attn", False) for m in model.modules())
+    loss = pretraining_loss([torch.randn(2, 3, 32, 32)], seed=0)
+    first = hessian_extremes(loss, model, iterations=4)
+    assert first == hessian_extremes(loss, model, iterations=4)  # deterministic
+    assert first[0] < first[1] and first[1] > 0
