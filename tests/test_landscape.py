@@ -253,3 +253,81 @@ def test_curvature_runs_through_a_vit_with_the_math_attention_path():
     first = hessian_extremes(loss, model, iterations=4)
     assert first == hessian_extremes(loss, model, iterations=4)  # deterministic
     assert first[0] < first[1] and first[1] > 0
+
+
+# --------------------------------------------------------------------------- losses of pretraining runs
+
+
+TINY_DECODER = dict(decoder_dim=32, decoder_depth=1, decoder_heads=2)
+
+
+def tiny_run_folder(folder: Path, method: str, photos: Path) -> Path:
+    """A pretraining run folder holding one resumable checkpoint (model + config, as `Trainer.state` writes)."""
+    import dataclasses
+    import json
+
+    from mimbench.core.config import RunSpec, to_dict
+    from mimbench.pretrain.data import write_embedded_photos
+    from mimbench.pretrain.engine import PRESETS, PretrainConfig, build_method, resolve
+
+    write_embedded_photos(photos)
+    recipe = dataclasses.replace(PRESETS["embedded_cpu"], method_options=TINY_DECODER)
+    config = resolve(PretrainConfig(run=RunSpec(method=method, data_root=str(photos), out=str(folder)),
+                                    preset="embedded_cpu", recipe=recipe))
+    torch.manual_seed(0)
+    model = build_method(config)
+    (folder / "checkpoints").mkdir(parents=True)
+    torch.save({"model": model.state_dict(), "config": json.dumps(to_dict(config)), "step": 1},
+               folder / "checkpoints" / "step_00000001.pth")
+    return folder
+
+
+def test_rcmae_pretraining_loss_moves_the_student_against_a_fixed_teacher(tmp_path):
+    from mimbench.landscape.losses import pretraining_batches, pretraining_loss, read_pretraining_model
+    run = tiny_run_folder(tmp_path / "rcmae", "rcmae", tmp_path / "photos")
+    model, config, path = read_pretraining_model(run)
+    assert path.name == "step_00000001.pth" and config.run.method == "rcmae"
+    batches = pretraining_batches(config, count=6, batch_size=4)
+    assert [len(b) for b in batches] == [4, 2] and batches[0].shape[1:] == (3, 32, 32)
+    assert torch.equal(torch.cat(batches), torch.cat(pretraining_batches(config, count=6, batch_size=3)))
+    loss = pretraining_loss(batches, seed=0)
+    # at the centre the teacher equals the student: the consistency term is 0, the loss is the student's MAE loss
+    student_only = loss_measure(loss)(model.student)["loss"]
+    assert loss_measure(loss)(model)["loss"] == pytest.approx(student_only, rel=1e-6)
+    directions = random_directions(model, seed=0)
+    assert all(torch.count_nonzero(d[name]) == 0 for d in directions for name in d if name.startswith("teacher."))
+    curve = evaluate(model, loss_measure(loss), directions[:1], Grid((0.0, 0.5)), tmp_path / "curve")["loss"]
+    assert curve[0] == pytest.approx(student_only, rel=1e-6)
+    teacher = torch.cat([p.flatten() for p in model.teacher.parameters()])
+    assert torch.equal(teacher, torch.cat([p.flatten() for p in model.student.parameters()]))  # never moved
+    # away from the centre the student's MAE loss alone is below the RC-MAE loss by the consistency term
+    from mimbench.landscape.surface import centre_of, set_weights
+    set_weights(model, centre_of(model), directions[:1], [0.5])
+    assert loss_measure(loss)(model.student)["loss"] < curve[1]
+
+
+def test_linear_probe_loss_is_the_fitted_heads_cross_entropy_at_the_centre(tmp_path):
+    import torch.nn.functional as F
+
+    from mimbench.landscape.losses import linear_probe_loss, probe_encoder, read_pretraining_model
+    model, _, _ = read_pretraining_model(tiny_run_folder(tmp_path / "rcmae", "rcmae", tmp_path / "photos"))
+    encoder = probe_encoder(model)  # RC-MAE exports its frozen teacher: the copy is trainable, pos_embed excepted
+    assert encoder.blocks[0].attn.qkv.weight.requires_grad and not encoder.pos_embed.requires_grad
+    generator = torch.Generator().manual_seed(0)
+    images, targets = torch.randn(12, 3, 32, 32, generator=generator), torch.arange(12) % 3
+    loss, head = linear_probe_loss(encoder, images, targets, pool="token", regularisation=1.0, batch_size=5)
+    with torch.no_grad():
+        features = encoder.forward_features(images)[:, 0]
+        expected = F.cross_entropy(head.scores(features), targets)
+    assert loss_measure(loss)(encoder)["loss"] == pytest.approx(float(expected), rel=1e-5)
+    (direction,) = random_directions(encoder, seed=0, count=1)
+    assert torch.count_nonzero(direction["blocks.0.attn.qkv.weight"]) > 0
+    assert torch.count_nonzero(direction["pos_embed"]) == 0
+
+
+def test_a_folder_without_resumable_checkpoints_is_one_line(tmp_path):
+    from mimbench.backbones.checkpoint import CheckpointError
+    from mimbench.landscape.losses import read_pretraining_model
+    with pytest.raises(CheckpointError, match="no resumable checkpoint") as error:
+        read_pretraining_model(tmp_path)
+    assert "\n" not in str(error.value)
