@@ -331,3 +331,38 @@ def test_a_folder_without_resumable_checkpoints_is_one_line(tmp_path):
     with pytest.raises(CheckpointError, match="no resumable checkpoint") as error:
         read_pretraining_model(tmp_path)
     assert "\n" not in str(error.value)
+
+
+# ---------------------------------------------------------------------------------------------- the entry point
+
+
+@pytest.mark.slow
+def test_the_entry_point_writes_surfaces_figures_and_one_record_per_model_and_loss(tmp_path):
+    from mimbench.landscape.run import main
+    from mimbench.results import read_results
+    for method in ("mae", "rcmae"):
+        tiny_run_folder(tmp_path / method, method, tmp_path / "photos")
+    common = ["--ckpt", str(tmp_path / "mae"), str(tmp_path / "rcmae"), "--preset", "embedded_cpu", "--grid", "4",
+              "--y-grid", "3", "--curvature-grid", "2", "--lanczos-steps", "2", "--images", "2", "--device", "cpu",
+              "--results", str(tmp_path / "results.jsonl"), "--out", str(tmp_path / "out")]
+    assert main(common) == 0
+    surface = np.load(tmp_path / "out" / "rcmae" / "pretrain" / "surface.npz")
+    assert surface["surface"].shape == (3, 4) and surface["curve"].shape == (4,)
+    assert surface["curvature_lambda_max"].shape == (2, 2) and int(surface["seed"]) == 0
+    np.testing.assert_array_equal(surface["surface_x"], np.linspace(-1, 1, 4))
+    records, malformed = read_results(tmp_path / "results.jsonl")
+    assert not malformed
+    assert sorted((r.tags["model"], r.protocol) for r in records) == [
+        ("mae", "linear"), ("mae", "pretrain"), ("rcmae", "linear"), ("rcmae", "pretrain")]
+    assert all(r.task == "landscape" and r.metric == "width" and r.metrics["lambda_max_centre"] > 0 for r in records)
+    figures = {p.name for p in (tmp_path / "out" / "figures").iterdir()}
+    assert {"side_by_side_pretrain.pdf", "convexity_linear.png", "rcmae_pretrain_3d.png", "curves_linear.png",
+            "mae_linear_contourf.pdf", "mae_linear_contour.png"} <= figures
+    # a second run into the same folder is refused without --resume, and with it recomputes nothing
+    assert main(common) == 1
+    before = (tmp_path / "out" / "mae" / "pretrain" / "surface" / "points" / "rank0.jsonl").read_text()
+    assert main([*common, "--resume"]) == 0
+    assert len(read_results(tmp_path / "results.jsonl")[0]) == 8
+    assert (tmp_path / "out" / "mae" / "pretrain" / "surface" / "points" / "rank0.jsonl").read_text() == before
+    again = np.load(tmp_path / "out" / "rcmae" / "pretrain" / "surface.npz")
+    assert np.array_equal(again["surface"], surface["surface"])
