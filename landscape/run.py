@@ -31,12 +31,24 @@ from mimbench.core.errors import ConfigError
 from mimbench.core.io import atomic_write, file_sha256
 from mimbench.core.rundir import start_run_on_rank0
 from mimbench.core.runtime import Distributed, init_distributed
-from mimbench.landscape.curvature import (convex_share, convexity_ratio, curvature_measure, hessian_extremes,
-                                          math_attention)
+from mimbench.landscape.curvature import (
+    convex_share,
+    convexity_ratio,
+    curvature_measure,
+    hessian_extremes,
+    math_attention,
+)
 from mimbench.landscape.directions import load_directions, random_directions, save_directions
 from mimbench.landscape.figures import curve_figure, side_by_side, surface_figures
-from mimbench.landscape.losses import (LossFn, linear_probe_loss, loss_measure, pretraining_batches, pretraining_loss,
-                                       probe_encoder, read_pretraining_model)
+from mimbench.landscape.losses import (
+    LossFn,
+    linear_probe_loss,
+    loss_measure,
+    pretraining_batches,
+    pretraining_loss,
+    probe_encoder,
+    read_pretraining_model,
+)
 from mimbench.landscape.metrics import sharpness, width
 from mimbench.landscape.surface import Grid, evaluate
 from mimbench.pretrain.data import write_embedded_photos
@@ -224,14 +236,14 @@ def run_landscapes(config: LandscapeConfig) -> dict[str, dict[str, dict[str, flo
         summaries: dict[str, dict[str, dict[str, float]]] = {}
         for kind in config.loss:
             results = {}
-            for name, (model, pretrain_config, path) in models.items():
+            for name, (model, pretrain_config, _) in models.items():
                 model.to(dist.device)
                 results[name] = landscape(config, kind, model, pretrain_config, out / name / kind, dist)
             summaries[kind] = {name: summary(found, config.recipe) for name, found in results.items()}
             if not dist.is_main:
                 continue
             draw(out, kind, results, config.recipe)
-            for name, (model, pretrain_config, path) in models.items():
+            for name, (_, pretrain_config, path) in models.items():
                 metrics = summaries[kind][name]
                 result = build_result(task="landscape", dataset=results[name]["data"], protocol=kind,
                                       metric="width", metrics=metrics, checkpoint=path, metadata=None,

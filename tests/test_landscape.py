@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mimbench.landscape.directions import (line_direction, load_directions, random_directions, save_directions)
+from mimbench.landscape.directions import line_direction, load_directions, random_directions, save_directions
 from mimbench.landscape.losses import loss_measure
 from mimbench.landscape.surface import Grid, evaluate, read_points
 
