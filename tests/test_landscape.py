@@ -358,6 +358,8 @@ def test_the_entry_point_writes_surfaces_figures_and_one_record_per_model_and_lo
     figures = {p.name for p in (tmp_path / "out" / "figures").iterdir()}
     assert {"side_by_side_pretrain.pdf", "convexity_linear.png", "rcmae_pretrain_3d.png", "curves_linear.png",
             "mae_linear_contourf.pdf", "mae_linear_contour.png"} <= figures
+    table = (tmp_path / "out" / "landscape.md").read_text().splitlines()
+    assert len(table) == 2 + 4 and table[2].startswith("| pretrain | mae | ")
     # a second run into the same folder is refused without --resume, and with it recomputes nothing
     assert main(common) == 1
     before = (tmp_path / "out" / "mae" / "pretrain" / "surface" / "points" / "rank0.jsonl").read_text()
