@@ -54,15 +54,21 @@ def curve_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str, p
 
 
 def side_by_side(panels: dict[str, tuple[np.ndarray, Grid]], title: str, path: Path, colour: str = "viridis",
-                 label: str = "loss") -> list[Path]:
-    """Filled contours of several models on ONE colour scale (shared levels), so they compare by eye."""
+                 label: str = "loss", heat_map: bool = False) -> list[Path]:
+    """Filled contours (or, for a coarse grid, a heat map of cells) of several models on ONE colour scale, so
+    they compare by eye."""
     low = min(float(np.nanmin(values)) for values, _ in panels.values())
     high = max(float(np.nanmax(values)) for values, _ in panels.values())
     levels = np.linspace(low, high if high > low else low + 1e-12, 21)
-    figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.8), squeeze=False)
+    figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.8), squeeze=False, sharey=True,
+                                constrained_layout=True)
     for ax, (name, (values, grid)) in zip(axes[0], panels.items()):
-        drawn = ax.contourf(*np.meshgrid(grid.x, grid.y), values, levels=levels, cmap=colour, extend="both")
-        ax.set(xlabel="α (δ)", ylabel="β (η)", title=name)
+        if heat_map:
+            drawn = ax.pcolormesh(grid.x, grid.y, values, shading="nearest", cmap=colour, vmin=low, vmax=high)
+        else:
+            drawn = ax.contourf(*np.meshgrid(grid.x, grid.y), values, levels=levels, cmap=colour, extend="both")
+        ax.set(xlabel="α (δ)", title=name)
+    axes[0][0].set_ylabel("β (η)")
     figure.colorbar(drawn, ax=axes[0].tolist(), label=label)
     figure.suptitle(title)
     return save(figure, path)

@@ -219,7 +219,8 @@ def draw(out: Path, kind: str, results: dict[str, dict], recipe: LandscapeRecipe
                  f"{kind} loss, one colour scale", figures / f"side_by_side_{kind}")
     side_by_side({name: (convexity_ratio(found["curvature_lambda_min"], found["curvature_lambda_max"]),
                          shapes["curvature"]) for name, found in results.items()},
-                 f"|λmin/λmax|, {kind} loss", figures / f"convexity_{kind}", colour="magma", label="|λmin/λmax|")
+                 f"|λmin/λmax|, {kind} loss", figures / f"convexity_{kind}", colour="magma", label="|λmin/λmax|",
+                 heat_map=True)
 
 
 TABLE_COLUMNS = ("width", "sharpness", "convex_share", "lambda_max_centre", "lambda_min_centre", "loss_centre")
