@@ -169,8 +169,10 @@ def write_npz(path: Path, **arrays) -> None:
 
 def landscape(config: LandscapeConfig, kind: str, model, pretrain_config, folder: Path, dist: Distributed
               ) -> dict[str, np.ndarray | float]:
-    """Surface, curve and curvature of one model on one loss; writes ``surface.npz``."""
+    """Surface, curve and curvature of one model on one loss; writes ``surface.npz`` (``finished_before``: it
+    was there already, so its record is in the store)."""
     recipe, seed = config.recipe, config.run.seed
+    finished_before = (folder / "surface.npz").exists()
     target, loss_fn, data = loss_target(config, kind, model, pretrain_config, dist.device)
     math_attention(target)
     directions = directions_for(target, folder, seed, 2, dist)
@@ -192,7 +194,7 @@ def landscape(config: LandscapeConfig, kind: str, model, pretrain_config, folder
         arrays = {**found, **{f"{name}_{axis}": np.asarray(getattr(grid, axis))
                               for name, grid in shapes.items() for axis in ("x", "y") if getattr(grid, axis)}}
         atomic_write(folder / "surface.npz", lambda tmp: write_npz(tmp, seed=seed, data=data, **arrays))
-    return {**found, "data": data}
+    return {**found, "data": data, "finished_before": finished_before}
 
 
 def summary(found: dict, recipe: LandscapeRecipe) -> dict[str, float]:
@@ -257,6 +259,8 @@ def run_landscapes(config: LandscapeConfig) -> dict[str, dict[str, dict[str, flo
                 continue
             draw(out, kind, results, config.recipe)
             for name, (_, pretrain_config, path) in models.items():
+                if results[name]["finished_before"]:  # a resumed run that had finished: recorded already
+                    continue
                 metrics = summaries[kind][name]
                 result = build_result(task="landscape", dataset=results[name]["data"], protocol=kind,
                                       metric="width", metrics=metrics, checkpoint=path, metadata=None,
