@@ -66,12 +66,18 @@ class MixedAEConfig(AutoencoderConfig):
     segment_embedding: bool = True
     contrastive_weight: float = 0.1
     temperature: float = 0.25
+    # m: mixed images per group, with complementary assignments (1 = MixedAE; 2 = our MixedAE-Full*; 1/r = our
+    # MixedAE-Full, every patch of every source encoded exactly once)
+    mixtures_per_group: int = 1
 
     def __post_init__(self) -> None:
         sources = 1 / self.mixing_ratio if self.mixing_ratio > 0 else math.inf
         if not 0 < self.mixing_ratio <= 0.5 or abs(sources - round(sources)) > 1e-6:
             raise ValueError(f"mixing_ratio must be in (0, 0.5] with 1/mixing_ratio an integer "
                              f"(0.5, 0.25, 0.2, ...), not {self.mixing_ratio}")
+        if not 1 <= self.mixtures_per_group <= self.num_sources:
+            raise ValueError(f"mixtures_per_group must be in [1, 1/mixing_ratio = {self.num_sources}], "
+                             f"not {self.mixtures_per_group}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, not {self.temperature}")
         if self.homologous_blocks is not None:
@@ -101,17 +107,27 @@ def mixing_mask(
     return slots[torch.rand(groups, num_patches, device=device).argsort(dim=1)]
 
 
-def mix(tokens: torch.Tensor, source_ids: torch.Tensor) -> torch.Tensor:
-    """tokens (G·S, N, D) of the sources, grouped consecutively -> (G, N, D) mixed: position n of mixed image g
-    holds token n of image g·S + source_ids[g, n]."""
-    groups, num_patches = source_ids.shape
-    grouped = tokens.reshape(groups, -1, num_patches, tokens.shape[-1])
-    index = source_ids[:, None, :, None].expand(-1, 1, -1, tokens.shape[-1])
-    return grouped.gather(1, index).squeeze(1)
+def complementary_masks(source_ids: torch.Tensor, num_sources: int, mixtures: int) -> torch.Tensor:
+    """(G, N) assignments a -> (G·m, N): mixture j of group g assigns position n to source (a[g, n] + j) mod S,
+    rows grouped by g. With m = S every source occupies every position in exactly one mixture."""
+    shifts = torch.arange(mixtures, device=source_ids.device)
+    return ((source_ids[:, None, :] + shifts[None, :, None]) % num_sources).flatten(0, 1)
+
+
+def mix(tokens: torch.Tensor, source_ids: torch.Tensor, mixtures: int = 1) -> torch.Tensor:
+    """tokens (G·S, N, D) of the sources, grouped consecutively, and source_ids (G·m, N) of ``mixtures`` = m mixed
+    images per group (rows grouped by group) -> (G·m, N, D): position n of mixture j of group g holds token n of
+    image g·S + source_ids[g·m + j, n]."""
+    num_patches, dim = source_ids.shape[1], tokens.shape[-1]
+    groups = source_ids.shape[0] // mixtures
+    grouped = tokens.reshape(groups, -1, num_patches, dim)
+    index = source_ids.reshape(groups, mixtures, num_patches, 1).expand(-1, -1, -1, dim)
+    return grouped.gather(1, index).flatten(0, 1)
 
 
 def source_layout(source_ids: torch.Tensor, num_sources: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each source's view of the mixture in :func:`random_masking`'s terms, per source image (B = G·S rows).
+    """Each source's view of each mixture in :func:`random_masking`'s terms: one row per (mixture, source),
+    B = (rows of source_ids)·S rows, the sources of a mixture consecutive.
 
     Returns ``keep_index`` (B, N/S): the positions the source occupies, ascending; ``hidden`` (B, N): 1 where
     another source sits (what the source must reconstruct); ``restore_index`` (B, N): the permutation that puts
@@ -126,7 +142,8 @@ def source_layout(source_ids: torch.Tensor, num_sources: int) -> tuple[torch.Ten
 
 
 def unmix(mixed: torch.Tensor, keep_index: torch.Tensor, num_sources: int) -> torch.Tensor:
-    """mixed (G, N, D) -> (G·S, N/S, D): each source's own tokens, at the positions from :func:`source_layout`."""
+    """mixed (M, N, D) -> (M·S, N/S, D): each source's own tokens in each mixture, at the positions from
+    :func:`source_layout`."""
     return gather_tokens(mixed.repeat_interleave(num_sources, dim=0), keep_index)
 
 
@@ -304,19 +321,33 @@ class MixedAutoencoder(MaskedAutoencoder):
         return batch // self.num_sources
 
     def sample_mixing_mask(self, images: torch.Tensor) -> torch.Tensor:
-        """(G, N) source slot per position. Random for MixedAE; MixedAE-Full would make it object-aware here."""
-        return mixing_mask(self.num_groups(images.shape[0]), self.num_sources, self.num_patches, images.device)
+        """(G·m, N) source slot per position of each of the m mixtures of each group: one random assignment per
+        group (one draw, as MixedAE's), shifted complementarily for mixtures 1..m-1."""
+        source_ids = mixing_mask(self.num_groups(images.shape[0]), self.num_sources, self.num_patches, images.device)
+        mixtures = self.config.mixtures_per_group
+        return source_ids if mixtures == 1 else complementary_masks(source_ids, self.num_sources, mixtures)
+
+    def mixtures_of(self, images: torch.Tensor, source_ids: torch.Tensor) -> int:
+        """m, the mixed images per group in ``source_ids``."""
+        return source_ids.shape[0] // self.num_groups(images.shape[0])
+
+    def source_targets(self, images: torch.Tensor, mixtures: int) -> torch.Tensor:
+        """The source image of every decoder row (mixture j of group g, source s -> image g·S + s)."""
+        if mixtures == 1:
+            return images
+        grouped = images.reshape(-1, 1, self.num_sources, *images.shape[1:])
+        return grouped.expand(-1, mixtures, -1, *images.shape[1:]).flatten(0, 2)
 
     def forward_encoder(self, images: torch.Tensor, source_ids: torch.Tensor) -> torch.Tensor:
-        """Mix the patch tokens of each group, mark their slots, encode all N: (G, 1 + N, D)."""
-        tokens = mix(self.embed_patches(images), source_ids)
+        """Mix the patch tokens of each group into its m mixtures, mark their slots, encode all N: (G·m, 1 + N, D)."""
+        tokens = mix(self.embed_patches(images), source_ids, self.mixtures_of(images, source_ids))
         if self.segment_embed is not None:
             tokens = tokens + self.segment_embed[source_ids].to(tokens.dtype)
         return self.encode_tokens(tokens)
 
     def forward_decoder(self, latent: torch.Tensor, source_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reconstruct every source from its own tokens (+ the mixed image's class token) and mask tokens
-        elsewhere. Returns pixel predictions (B, N, p*p*3) and the positions each source must fill (B, N)."""
+        """Reconstruct every source of every mixture from its own tokens (+ the mixture's class token) and mask
+        tokens elsewhere. Returns pixel predictions (G·m·S, N, p*p*3) and the positions each source must fill."""
         keep_index, hidden, restore_index = source_layout(source_ids, self.num_sources)
         cls = latent[:, :1].repeat_interleave(self.num_sources, dim=0)
         own = unmix(latent[:, 1:], keep_index, self.num_sources)
@@ -328,7 +359,8 @@ class MixedAutoencoder(MaskedAutoencoder):
         homo_acc = homologous_accuracy(self.diagnostic_attention.kept_index, source_ids)
         self.diagnostic_attention.kept_index = None  # read once; not held until the next step
         prediction, hidden = self.forward_decoder(latent, source_ids)
-        loss_recon = self.reconstruction_loss(images, prediction, hidden)
+        targets = self.source_targets(images, self.mixtures_of(images, source_ids))
+        loss_recon = self.reconstruction_loss(targets, prediction, hidden)
         loss_homocon = homologous_contrastive_loss(latent[:, 1:], source_ids, self.config.temperature)
         loss = loss_recon + self.config.contrastive_weight * loss_homocon
         parts = {"loss_recon": loss_recon.detach(), "loss_homocon": loss_homocon.detach(), "homo_acc": homo_acc}
@@ -336,8 +368,9 @@ class MixedAutoencoder(MaskedAutoencoder):
 
     @torch.no_grad()
     def visualize(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Original, each source's own patches in its mixed image ("input") and its reconstruction: (B, 3, H, W)."""
-        source_ids = self.sample_mixing_mask(images)
+        """Original, each source's own patches in its (first) mixed image ("input") and its reconstruction:
+        (B, 3, H, W)."""
+        source_ids = self.sample_mixing_mask(images)[::self.config.mixtures_per_group]
         prediction, hidden = self.forward_decoder(self.forward_encoder(images, source_ids), source_ids)
         return visualization(images, prediction.float(), hidden, self.patch_size, self.config.norm_pix_loss)
 

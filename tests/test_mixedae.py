@@ -19,6 +19,7 @@ from mimbench.pretrain.mixedae import (
     MixedAutoencoder,
     homologous_accuracy,
     homologous_contrastive_loss,
+    complementary_masks,
     homologous_softmax,
     mix,
     mixing_mask,
@@ -396,3 +397,87 @@ def test_exported_encoder_is_a_plain_timm_vit_that_loads_strictly_into_a_backbon
     path = save_backbone(tmp_path / "mixedae.safetensors", exported, metadata)
     loaded, report = backbone_from_checkpoint(path)
     assert report.encoder_fraction == 1.0 and [type(block.attn) for block in loaded.blocks] == [Attention] * 12
+
+
+# ------------------------------------------------------------------------------ complementary mixtures (Full)
+
+
+@pytest.mark.parametrize("num_sources", [2, 4])
+def test_complementary_mixtures_encode_every_source_position_exactly_once(num_sources):
+    torch.manual_seed(0)
+    base = mixing_mask(3, num_sources, 16)
+    full = complementary_masks(base, num_sources, num_sources).reshape(3, num_sources, 16)
+    assert torch.equal(full[:, 0], base)  # mixture 0 is MixedAE's
+    assert torch.equal(full[:, 1], (base + 1) % num_sources)
+    # Every (source, position) appears in exactly one mixture of its group, each mixture has equal shares.
+    slots = torch.arange(num_sources)
+    occupied = full[:, :, None, :] == slots[None, None, :, None]  # (G, m, S, N)
+    assert (occupied.sum(dim=1) == 1).all()
+    assert (occupied.sum(dim=-1) == 16 // num_sources).all()
+    # Fewer mixtures: the first ones of the full set.
+    assert torch.equal(complementary_masks(base, num_sources, 2).reshape(3, 2, 16), full[:, :2])
+
+
+def test_mix_of_several_mixtures_takes_each_position_from_its_groups_source():
+    tokens = torch.arange(8 * 16).float().reshape(8, 16, 1).expand(-1, -1, 3)  # value = image*16 + position
+    torch.manual_seed(0)
+    source_ids = complementary_masks(mixing_mask(2, 4, 16), 4, 3)  # G = 2, m = 3
+    mixed = mix(tokens, source_ids, mixtures=3)
+    assert mixed.shape == (6, 16, 3)
+    group = torch.arange(6)[:, None] // 3
+    expected = (group * 4 + source_ids) * 16 + torch.arange(16)
+    assert torch.equal(mixed[..., 0], expected.float())
+
+
+@pytest.mark.parametrize("mixtures", [1, 2, 4])
+def test_each_mixture_reconstructs_exactly_the_hidden_positions_of_each_source(monkeypatch, mixtures):
+    model = tiny_model(mixtures_per_group=mixtures)
+    images = structured_images(8)
+    seen = {}
+    real_loss = model.reconstruction_loss
+
+    def spy(targets, prediction, mask):
+        seen.update(targets=targets, prediction=prediction, mask=mask)
+        return real_loss(targets, prediction, mask)
+
+    monkeypatch.setattr(model, "reconstruction_loss", spy)
+    torch.manual_seed(1)
+    source_ids = model.sample_mixing_mask(images)
+    torch.manual_seed(1)
+    loss, parts = model(images)
+    assert source_ids.shape == (2 * mixtures, 64)
+    rows = 2 * mixtures * 4
+    assert seen["prediction"].shape == (rows, 64, 4 * 4 * 3) and seen["mask"].shape == (rows, 64)
+    # Row (g, j, s): the target is image g·S + s, the mask is where source s is absent from mixture j.
+    image_of_row = [g * 4 + s for g in range(2) for _ in range(mixtures) for s in range(4)]
+    assert torch.equal(seen["targets"], images[image_of_row])
+    hidden = source_ids.repeat_interleave(4, dim=0) != torch.arange(4).repeat(2 * mixtures)[:, None]
+    assert torch.equal(seen["mask"], hidden.float())
+    if mixtures == 4:  # every source is hidden at every position in exactly 3 of its 4 mixtures
+        assert (seen["mask"].reshape(2, 4, 4, 64).sum(dim=1) == 3).all()
+    assert torch.isfinite(loss) and 0 <= parts["homo_acc"] <= 1
+    assert model.visualize(images)["input"].shape == (8, 3, 32, 32)
+
+
+def test_mixtures_per_group_range_is_checked():
+    with pytest.raises(ValueError, match=r"mixtures_per_group must be in \[1, 1/mixing_ratio = 4\], not 5"):
+        MixedAEConfig(mixtures_per_group=5)
+    with pytest.raises(ValueError, match="mixtures_per_group"):
+        MixedAEConfig(mixtures_per_group=0)
+    with pytest.raises(ValueError, match=r"= 2\], not 3"):
+        MixedAEConfig(mixing_ratio=0.5, mixtures_per_group=3)
+
+
+def test_one_mixture_per_group_draws_and_computes_what_mixedae_does():
+    plain, single = tiny_model(), tiny_model(mixtures_per_group=1)
+    images = structured_images(8)
+    torch.manual_seed(3)
+    expected = plain(images)[0]
+    torch.manual_seed(3)
+    assert torch.equal(single(images)[0], expected)
+    # m = 2 draws the same random assignment, so its first mixture is m = 1's
+    double = tiny_model(mixtures_per_group=2)
+    torch.manual_seed(3)
+    first = plain.sample_mixing_mask(images)
+    torch.manual_seed(3)
+    assert torch.equal(double.sample_mixing_mask(images)[::2], first)
