@@ -196,7 +196,8 @@ class Trainer:
                               f"accumulation {recipe.accum_steps} x {self.dist.world_size} processes")
         self.total_steps = self.steps_per_epoch * recipe.epochs
         self.effective_batch = recipe.batch_size * recipe.accum_steps * self.dist.world_size
-        self.peak_lr = recipe.base_lr * self.effective_batch / 256
+        # MixedAE may count mixed images instead of source images (its lr_batch switch).
+        self.peak_lr = recipe.base_lr * (self.effective_batch * getattr(self.model, "lr_batch_share", 1)) / 256
 
         self.ddp = self.model
         if self.dist.world_size > 1:
@@ -205,7 +206,7 @@ class Trainer:
         compile_model = recipe.compile if recipe.compile is not None else self.device.type == "cuda"
         self.forward = torch.compile(self.ddp) if compile_model else self.ddp
         no_decay = {name for name, _ in self.model.named_parameters() if name.rsplit(".", 1)[-1] in (
-            "pos_embed", "cls_token", "mask_token", "segment_embed")}
+            "pos_embed", "cls_token", "mask_token", "segment_embed", "source_cls_token")}
         self.optimizer = torch.optim.AdamW(
             param_groups_weight_decay(self.model, recipe.weight_decay, no_weight_decay_list=no_decay),
             lr=self.peak_lr, betas=(0.9, 0.95))

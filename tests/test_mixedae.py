@@ -17,13 +17,14 @@ from mimbench.pretrain.mixedae import (
     HomologousAttention,
     MixedAEConfig,
     MixedAutoencoder,
+    complementary_masks,
     homologous_accuracy,
     homologous_contrastive_loss,
-    complementary_masks,
     homologous_softmax,
     mix,
     mixing_mask,
     source_layout,
+    topk_keys,
     unmix,
     use_homologous_attention,
     with_standard_attention,
@@ -276,8 +277,9 @@ def test_homologous_attention_keeps_exactly_k_keys_in_the_chosen_blocks(monkeypa
     assert [block.attn.topk for block in model.encoder.blocks[9:]] == [16] * 3
     kept = []
 
-    def recording_softmax(logits, topk):
-        attention, kept_index = original_softmax(logits, topk)
+    def recording_softmax(logits, topk, always_kept):
+        assert always_kept == 0  # the class token competes for the K keys by default
+        attention, kept_index = original_softmax(logits, topk, always_kept)
         kept.append((attention > 0).sum(dim=-1))
         return attention, kept_index
 
@@ -481,3 +483,126 @@ def test_one_mixture_per_group_draws_and_computes_what_mixedae_does():
     first = plain.sample_mixing_mask(images)
     torch.manual_seed(3)
     assert torch.equal(double.sample_mixing_mask(images)[::2], first)
+
+
+# ------------------------------------------------------------------------------------ every open choice a switch
+
+
+def run_once(model: MixedAutoencoder, seed: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    torch.manual_seed(seed)
+    return model(structured_images(8))
+
+
+def with_default_weights(model: MixedAutoencoder) -> MixedAutoencoder:
+    """``model`` with the default model's weights wherever the names agree (the switch's own parts keep theirs)."""
+    model.load_state_dict(tiny_model().state_dict(), strict=False)
+    return model
+
+
+SWITCHES = {  # each alternative -> the parameters it adds (+) or removes (-) against the default model
+    "segment_embedding=False": (dict(segment_embedding=False), {"-segment_embed"}),
+    "segment_embedding_at=decoder": (dict(segment_embedding_at="decoder"), set()),
+    "homologous_last_blocks=2": (dict(homologous_last_blocks=2), set()),
+    "homologous_blocks=()": (dict(homologous_blocks=()), set()),
+    "homologous_topk_factor=2": (dict(homologous_topk_factor=2.0), set()),
+    "homologous_topk=8": (dict(homologous_topk=8), set()),
+    "topk_counts_cls=False": (dict(topk_counts_cls=False), set()),
+    "temperature=0.1": (dict(temperature=0.1), set()),
+    "contrastive_weight=1": (dict(contrastive_weight=1.0), set()),
+    "homocon_features=projection": (dict(homocon_features="projection"), {"+homocon_head.0.weight",
+                                    "+homocon_head.0.bias", "+homocon_head.2.weight", "+homocon_head.2.bias"}),
+    "decoder_cls=per_source": (dict(decoder_cls="per_source"), {"+source_cls_token"}),
+    "lr_batch=mixtures": (dict(lr_batch="mixtures"), set()),
+}
+
+
+@pytest.mark.parametrize("name", list(SWITCHES))
+def test_each_switch_changes_only_its_parameters_and_trains(name):
+    overrides, changed = SWITCHES[name]
+    default_names = {n for n, _ in tiny_model().named_parameters()}
+    model = tiny_model(**overrides)
+    names = {n for n, _ in model.named_parameters()}
+    assert {f"+{n}" for n in names - default_names} | {f"-{n}" for n in default_names - names} == changed
+    loss, parts = run_once(model)
+    assert set(parts) == {"loss_recon", "loss_homocon", "homo_acc"} and torch.isfinite(loss)
+    expected = parts["loss_recon"] + model.config.contrastive_weight * parts["loss_homocon"]
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    # The exported encoder is the same plain ViT whatever the switch.
+    assert list(model.export_encoder().state_dict()) == list(tiny_model().export_encoder().state_dict())
+
+
+def test_homocon_switches_change_only_the_contrastive_part():
+    _, reference = run_once(tiny_model())
+    for overrides in (dict(temperature=0.1), dict(contrastive_weight=1.0), dict(homocon_features="projection")):
+        loss, parts = run_once(with_default_weights(tiny_model(**overrides)))
+        assert torch.equal(parts["loss_recon"], reference["loss_recon"]), overrides
+        assert torch.equal(parts["homo_acc"], reference["homo_acc"]), overrides
+    assert run_once(tiny_model(temperature=0.1))[1]["loss_homocon"] != reference["loss_homocon"]
+    loss, parts = run_once(tiny_model(contrastive_weight=1.0))
+    assert torch.equal(parts["loss_homocon"], reference["loss_homocon"])
+    assert loss.item() == pytest.approx((parts["loss_recon"] + parts["loss_homocon"]).item(), rel=1e-6)
+
+
+def test_segment_embeddings_on_the_decoder_input_leave_the_encoder_alone():
+    plain = tiny_model(segment_embedding=False)
+    at_decoder = with_default_weights(tiny_model(segment_embedding_at="decoder"))
+    plain.load_state_dict(at_decoder.state_dict(), strict=False)
+    images, source_ids = structured_images(8), mixing_mask(2, 4, 64)
+    latent = at_decoder.forward_encoder(images, source_ids)
+    assert torch.equal(latent, plain.forward_encoder(images, source_ids))
+    # ... and mark each source's decoder input: source s's tokens move by segment_embed[s].
+    prediction, hidden = at_decoder.forward_decoder(latent, source_ids)
+    with torch.no_grad():
+        at_decoder.segment_embed[1] += 1.0
+    moved = at_decoder.forward_decoder(latent, source_ids)[0]
+    changed = (moved != prediction).flatten(1).any(dim=1)
+    assert changed.tolist() == [s == 1 for _ in range(2) for s in range(4)]
+
+
+def test_homologous_last_blocks_and_topk_factor_choose_blocks_and_k():
+    assert tiny_model(homologous_last_blocks=3).homologous_blocks == (9, 10, 11)
+    assert tiny_model(homologous_last_blocks=0).homologous_blocks == ()
+    assert tiny_model(homologous_topk_factor=2.0).topk == 32  # 2 · r·N = 2 · 16
+    assert tiny_model(homologous_topk=5, homologous_topk_factor=2.0).topk == 5  # absolute K wins
+    with pytest.raises(ValueError, match="not both"):
+        MixedAEConfig(homologous_blocks=(1,), homologous_last_blocks=1)
+    with pytest.raises(ValueError, match="homologous_topk must be in \\[1, 64\\]"):
+        tiny_model(homologous_topk=65, topk_counts_cls=False)
+    for name, value in (("segment_embedding_at", "both"), ("homocon_features", "mlp"), ("decoder_cls", "x"),
+                        ("lr_batch", "images")):
+        with pytest.raises(ValueError, match=f"{name} must be one of"):
+            MixedAEConfig(**{name: value})
+
+
+def test_class_token_not_counted_is_always_kept_besides_k_patch_keys():
+    logits = torch.randn(2, 3, 5, 9)
+    logits[..., 0] = -100.0  # the class token would never make the TopK on its own
+    attn, kept = homologous_softmax(logits, topk=3, always_kept=1)
+    assert kept.shape == (2, 3, 5, 3) and (kept >= 1).all()
+    assert torch.equal((attn > 0).sum(dim=-1), torch.full((2, 3, 5), 4))
+    assert (attn[..., 0] > 0).all()
+    assert torch.equal(kept.sort(dim=-1).values, topk_keys(logits, 3, 1).sort(dim=-1).values)
+    torch.testing.assert_close(attn.sum(dim=-1), torch.ones(2, 3, 5))
+    model = tiny_model(topk_counts_cls=False)
+    assert all(block.attn.always_kept == 1 for block in model.encoder.blocks)
+
+
+def test_per_source_class_tokens_feed_each_sources_decoder():
+    model = tiny_model(decoder_cls="per_source")
+    images, source_ids = structured_images(8), mixing_mask(2, 4, 64)
+    latent = model.forward_encoder(images, source_ids)
+    assert latent.shape == (2, 4 + 64, 192) and model.prefix == 4
+    torch.manual_seed(0)
+    prediction, _ = model.forward_decoder(latent, source_ids)
+    bumped = latent.clone()
+    bumped[:, 2] += 1.0  # the class token of source slot 2 reaches that source's decoder only
+    changed = (model.forward_decoder(bumped, source_ids)[0] != prediction).flatten(1).any(dim=1)
+    assert changed.tolist() == [s == 2 for _ in range(2) for s in range(4)]
+
+
+@pytest.mark.parametrize(("overrides", "share"), [({}, 1), (dict(lr_batch="mixtures"), 0.25),
+                                                  (dict(lr_batch="mixtures", mixtures_per_group=2), 0.5)])
+def test_lr_batch_counts_source_or_mixed_images(overrides, share):
+    assert tiny_model(**overrides).lr_batch_share == share

@@ -159,3 +159,12 @@ def test_flags_follow_the_config_dataclasses(tmp_path, monkeypatch):
     assert recipe.method_options["decoder_dim"] == 128  # the embedded preset's small decoder
     assert parse_args(["--method", "mae", "--data-root", "/data", "--compile"]).recipe.compile is True
     assert parse_args(["--method", "mae", "--data-root", "/data"]).recipe.compile is None  # None: on CUDA only
+
+
+@pytest.mark.parametrize(("flags", "images_per_source_image"), [([], 1), (["--lr-batch", "mixtures"], 0.25),
+                                                                 (["--lr-batch", "mixtures",
+                                                                   "--mixtures-per-group", "2"], 0.5)])
+def test_mixedae_lr_counts_source_or_mixed_images(tmp_path, tiny_run, flags, images_per_source_image):
+    trainer = Trainer(parse_args(["--method", "mixedae", *tiny_run, *flags, "--out", str(tmp_path)]))
+    assert trainer.peak_lr == pytest.approx(4 * 1.5e-4 * 8 * images_per_source_image / 256, rel=1e-12)
+    assert trainer.optimizer.param_groups[0]["lr"] == trainer.peak_lr
