@@ -63,6 +63,7 @@ from mimbench.core.runtime import (
 from mimbench.pretrain.data import IMAGENET_MEAN, IMAGENET_STD, ShardedSampler, build_pretrain_dataset
 from mimbench.pretrain.mae import MAEConfig, MaskedAutoencoder
 from mimbench.pretrain.mixedae import MixedAEConfig, MixedAutoencoder
+from mimbench.pretrain.objects import CentricObjectRule
 from mimbench.pretrain.rcmae import RCMAEConfig, ReconstructionConsistentMAE
 
 # Each method's config dataclass and model: what `--method` chooses between.
@@ -87,6 +88,11 @@ class PretrainRecipe:
     min_lr: float = 0.0  # the cosine decays to zero (MAE's code)
     weight_decay: float = 0.05  # MAE Table 8
     samples_per_epoch: int = 2048  # the embedded photos only: random crops per epoch
+    # Object-aware sources (MixedAE-Full; pretrain/objects.py): crops holding one centric object of a COCO layout's
+    # boxes; without boxes, random crops.
+    object_aware: bool = False
+    object_center_region: float = CentricObjectRule.center_region
+    object_min_cover: float = CentricObjectRule.min_cover
     num_workers: int = 8
     save_every_steps: int = 1000
     keep_checkpoints: int = 2
@@ -184,7 +190,10 @@ class Trainer:
         self.device = self.dist.device
         self.dtype = autocast_dtype(self.device, run.precision)
 
+        objects = CentricObjectRule(recipe.object_center_region, recipe.object_min_cover) if recipe.object_aware \
+            else None
         self.dataset = build_pretrain_dataset(run.data_root, ARCHS[recipe.arch]["img_size"], seed=run.seed,
+                                              object_aware=objects,
                                               samples_per_epoch=recipe.samples_per_epoch)
         torch.manual_seed(run.seed)  # identical initial weights on every rank
         self.model = build_method(config).to(self.device)
