@@ -383,6 +383,15 @@ class MixedAutoencoder(MaskedAutoencoder):
             self.homocon_head = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, width))
 
     @property
+    def export_method(self) -> str:
+        """The method name exports carry (the tables' rows): our MixedAE-Full at m = 1/r, MixedAE-Full* at m = 2."""
+        mixtures = self.config.mixtures_per_group
+        if mixtures == 1:
+            return "mixedae"
+        return "mixedae-full" if mixtures == self.num_sources else ("mixedae-full*" if mixtures == 2 else
+                                                                    f"mixedae-m{mixtures}")
+
+    @property
     def lr_batch_share(self) -> float:
         """Images the lr counts per source image: 1 (source images) or m·r (mixed images)."""
         if self.config.lr_batch == "sources":

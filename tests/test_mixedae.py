@@ -606,3 +606,11 @@ def test_per_source_class_tokens_feed_each_sources_decoder():
                                                   (dict(lr_batch="mixtures", mixtures_per_group=2), 0.5)])
 def test_lr_batch_counts_source_or_mixed_images(overrides, share):
     assert tiny_model(**overrides).lr_batch_share == share
+
+
+@pytest.mark.parametrize(("overrides", "name"), [({}, "mixedae"), (dict(mixtures_per_group=2), "mixedae-full*"),
+                                                 (dict(mixtures_per_group=4), "mixedae-full"),
+                                                 (dict(mixtures_per_group=3), "mixedae-m3"),
+                                                 (dict(mixing_ratio=0.5, mixtures_per_group=2), "mixedae-full")])
+def test_exports_name_the_full_variants_by_their_mixtures(overrides, name):
+    assert tiny_model(**overrides).export_method == name
