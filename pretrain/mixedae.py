@@ -97,6 +97,7 @@ class MixedAEConfig(AutoencoderConfig):
     segment_embedding: bool = True
     segment_embedding_at: str = "encoder"  # encoder: on the mixed input; decoder: on each source's decoder input
     contrastive_weight: float = 0.1
+    reconstruction_weight: float = 1.0  # 0: L_HomoCon alone (the poster's ablation (b))
     temperature: float = 0.25
     homocon_features: str = "encoder"  # encoder: the final patch tokens; projection: through a 2-layer MLP head
     decoder_cls: str = "shared"  # shared: the mixture's class token; per_source: one class token per source slot
@@ -465,7 +466,11 @@ class MixedAutoencoder(MaskedAutoencoder):
         if self.homocon_head is not None:
             features = self.homocon_head(features)
         loss_homocon = homologous_contrastive_loss(features, source_ids, self.config.temperature)
-        loss = loss_recon + self.config.contrastive_weight * loss_homocon
+        if self.config.reconstruction_weight != 1:
+            loss_recon_term = self.config.reconstruction_weight * loss_recon
+        else:
+            loss_recon_term = loss_recon
+        loss = loss_recon_term + self.config.contrastive_weight * loss_homocon
         parts = {"loss_recon": loss_recon.detach(), "loss_homocon": loss_homocon.detach(), "homo_acc": homo_acc}
         return loss, parts
 

@@ -614,3 +614,26 @@ def test_lr_batch_counts_source_or_mixed_images(overrides, share):
                                                  (dict(mixing_ratio=0.5, mixtures_per_group=2), "mixedae-full")])
 def test_exports_name_the_full_variants_by_their_mixtures(overrides, name):
     assert tiny_model(**overrides).export_method == name
+
+
+def test_reconstruction_weight_zero_leaves_homocon_alone():
+    loss, parts = run_once(tiny_model(reconstruction_weight=0.0))
+    assert loss.item() == pytest.approx(0.1 * parts["loss_homocon"].item(), rel=1e-6) and parts["loss_recon"] > 0
+
+
+def test_ablation_plan_names_the_posters_rows_and_builds_each_variant():
+    from mimbench.pretrain.ablations import ablation_plan
+    from mimbench.pretrain.run import parse_args
+
+    plan = ablation_plan()
+    objective = [run.variant for run in plan if run.ablation == "objective"]
+    assert objective == ["L_recon", "L_HomoCon", "L_recon + L_HomoCon"]  # the reference CSV's variants
+    assert len({tuple(sorted(run.tags.items())) for run in plan}) == len(plan)
+    for run in plan:
+        loss, _ = run_once(tiny_model(**run.options))
+        assert torch.isfinite(loss), run
+        # its flags give pretrain/run.py exactly its options
+        parsed = parse_args(["--method", "mixedae", "--data-root", "unused", *run.flags()]).recipe.method_options
+        assert {name: parsed[name] for name in run.options} == run.options
+    assert plan[1].flags() == ["--reconstruction-weight", "0.0"]
+    assert plan[4].flags() == ["--no-segment-embedding"]
