@@ -1,8 +1,10 @@
-"""MAE, RC-MAE and MixedAE training steps for the same arch and batch, side by side in one run.
+"""MAE, RC-MAE, MixedAE, MixedAE-Full* and MixedAE-Full training steps for the same arch and batch, side by side.
 
 Prints each method's step time, the ratios the project holds itself to (MixedAE/MAE ≤ 1.05, as the paper
-pays ~3%: 16.9 vs 16.4 GPU-days; RC-MAE/MAE ≤ 1.35), and each step's achieved FLOP/s as a share of this
-machine's measured matmul FLOP/s (FLOPs counted by torch's FlopCounterMode, multiply-add = 2).
+pays ~3%: 16.9 vs 16.4 GPU-days; RC-MAE/MAE ≤ 1.35), the Full*/MixedAE and Full/MixedAE step-time ratios next
+to the poster's GPU-day ratios (30.8/16.9 = 1.82, 62.3/16.9 = 3.69), and each step's achieved FLOP/s as a share
+of this machine's measured matmul FLOP/s (FLOPs counted by torch's FlopCounterMode, multiply-add = 2). The Full
+variants' object-aware crops are data-side and cost nothing here: only their m complementary mixtures are timed.
 
     python benchmarks/pretrain_step.py                                  # ViT-B/16, batch 8, this CPU
     python benchmarks/pretrain_step.py --device cuda --batch-size 128
@@ -11,6 +13,7 @@ machine's measured matmul FLOP/s (FLOPs counted by torch's FlopCounterMode, mult
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -18,12 +21,22 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mimbench.backbones.vit import ARCHS
+from mimbench.core.config import RunSpec
 from mimbench.core.runtime import autocast_dtype
-from mimbench.pretrain.engine import PretrainConfig, build_method
+from mimbench.pretrain.engine import BASE, PretrainConfig, build_method
 from mimbench.pretrain.rcmae import MicroBatch
 
-METHODS = ("mae", "rcmae", "mixedae")
+# name -> (--method, method options); the Full variants' m as the presets mixedae_full(_star) set it
+METHODS = {
+    "mae": ("mae", {}),
+    "rcmae": ("rcmae", {}),
+    "mixedae": ("mixedae", {}),
+    "mixedae-full*": ("mixedae", dict(mixtures_per_group=2)),
+    "mixedae-full": ("mixedae", dict(mixtures_per_group=4)),
+}
 GOALS = {"rcmae": 1.35, "mixedae": 1.05}
+# The poster's GPU-days (ViT-B, 300 epochs): MixedAE 16.9, MixedAE-Full* 30.8, MixedAE-Full 62.3.
+POSTER_RATIOS = {"mixedae-full*": 30.8 / 16.9, "mixedae-full": 62.3 / 16.9}
 
 
 def synchronize(device: torch.device) -> None:
@@ -53,9 +66,11 @@ def matmul_flops_per_second(device: torch.device, dtype: torch.dtype | None, siz
 class MethodStep:
     """One method's model, optimizer and batch, ready to time one training step at a time."""
 
-    def __init__(self, method: str, args: argparse.Namespace, device: torch.device, dtype) -> None:
+    def __init__(self, name: str, args: argparse.Namespace, device: torch.device, dtype) -> None:
         torch.manual_seed(0)
-        self.model = build_method(PretrainConfig(method=method, arch=args.arch)).to(device).train()
+        method, options = METHODS[name]
+        recipe = dataclasses.replace(BASE, arch=args.arch, method_options=options)
+        self.model = build_method(PretrainConfig(run=RunSpec(method=method), recipe=recipe)).to(device).train()
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4)
         size = ARCHS[args.arch]["img_size"]
         self.images = torch.randn(args.batch_size, 3, size, size, device=device)
@@ -104,11 +119,14 @@ def main() -> None:
     seconds = {method: statistics.median(values) for method, values in timings.items()}
     for method in METHODS:
         flops = steps[method].flops
-        print(f"{method:8s} {seconds[method] * 1e3:9.1f} ms/step (median of {args.steps})  "
+        print(f"{method:13s} {seconds[method] * 1e3:9.1f} ms/step (median of {args.steps})  "
               f"{flops / 1e9:8.1f} GFLOP/step  {flops / seconds[method] / peak:6.1%} of matmul peak")
     for method, goal in GOALS.items():
         ratio = seconds[method] / seconds["mae"]
         print(f"ratio {method}/mae = {ratio:.3f} (goal <= {goal}: {'met' if ratio <= goal else 'NOT met'})")
+    for method, poster in POSTER_RATIOS.items():
+        print(f"ratio {method}/mixedae = {seconds[method] / seconds['mixedae']:.2f} step time "
+              f"(poster: {poster:.2f} GPU-days)")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,13 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extensi
 
 from mimbench.core.errors import DatasetError
 from mimbench.core.photos import embedded_photos
+from mimbench.pretrain.objects import (
+    CROP_SCALE,
+    CentricObjectRule,
+    ObjectAwareTransform,
+    coco_annotation_file,
+    read_coco_boxes,
+)
 
 EXPECTED_LAYOUT = "ImageNet-style <root>/<class>/<image>.JPEG or a folder of .jpg/.png images"
 MANIFEST = "manifest.json"
@@ -49,13 +56,16 @@ EMBEDDED_SET = "mimbench embedded photos"  # the manifest's "set": what makes a 
 UNREADABLE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises on bad files
 
 
+def after_crop() -> list[Callable]:
+    """What MAE's augmentation does after the crop: a random flip and ImageNet normalisation."""
+    return [transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+
+
 def pretrain_transform(img_size: int) -> Callable[[Image.Image], torch.Tensor]:
     """MAE's augmentation: a random 20-100% area crop resized to img_size, a random flip, ImageNet normalisation."""
     return transforms.Compose([
-        transforms.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        transforms.RandomResizedCrop(img_size, scale=CROP_SCALE, interpolation=transforms.InterpolationMode.BICUBIC),
+        *after_crop(),
     ])
 
 
@@ -157,6 +167,29 @@ class ImageFiles(_SeededAugmentation):
                 if not offset:
                     warnings.warn(f"{path}: cannot read image ({error}); skipped", stacklevel=2)
         raise DatasetError(f"none of the {len(self.paths)} images under {self.root} is readable")
+
+
+class ObjectImages(ImageFiles):
+    """The images of a COCO layout, each source crop holding one centric object of its boxes
+    (:mod:`mimbench.pretrain.objects`): MixedAE-Full's object-aware sources."""
+
+    def __init__(self, images: Path, annotations: Path, img_size: int, rule: CentricObjectRule, seed: int = 0) -> None:
+        self.boxes = read_coco_boxes(annotations)
+        super().__init__(images, img_size, seed=seed)
+        self.annotations = annotations
+        self.transform = ObjectAwareTransform(img_size, rule, transforms.Compose(after_crop()))
+
+    @property
+    def description(self) -> str:
+        return f"{self.root} (object-aware crops, boxes from {self.annotations.name})"
+
+    def image(self, index: int) -> tuple[Image.Image, int]:
+        """The file's image with its boxes in ``info["boxes"]``; a stand-in for an unreadable file has none (the
+        boxes are its sample's file's)."""
+        image, unreadable = super().image(index)
+        name = self.paths[index].relative_to(self.root).as_posix()
+        image.info["boxes"] = [] if unreadable >= 0 else self.boxes.get(name, [])
+        return image, unreadable
 
 
 def _read_rgb(path: Path) -> Image.Image:
@@ -266,11 +299,20 @@ class ShardedSampler(Sampler[int]):
 
 
 def build_pretrain_dataset(data_root: str | os.PathLike | None, img_size: int, seed: int = 0,
-                           samples_per_epoch: int = 2048) -> EmbeddedPhotos | ImageFiles:
-    """The dataset under ``data_root``: the embedded photos when its manifest says so, else its image files."""
+                           samples_per_epoch: int = 2048, object_aware: CentricObjectRule | None = None,
+                           ) -> EmbeddedPhotos | ImageFiles:
+    """The dataset under ``data_root``: the embedded photos when its manifest says so, else its image files.
+    With ``object_aware``, a COCO layout's images with object-centric crops; without boxes, random crops (said
+    once)."""
     if not data_root:  # an empty --data-root counts as not given
         raise DatasetError(f"say where the images are: --data-root DIR ({EXPECTED_LAYOUT}), or --embedded for the "
                            "photos bundled with the install (a small CPU demo)")
+    if object_aware is not None:
+        coco = coco_annotation_file(data_root)
+        if coco is not None:
+            return ObjectImages(*coco, img_size, object_aware, seed=seed)
+        warnings.warn(f"{data_root}: no COCO boxes (annotations/instances_<split>.json next to <split>/), so "
+                      "object-aware sources fall back to random crops", stacklevel=2)
     if is_embedded_photos(data_root):
         return EmbeddedPhotos(data_root, img_size, samples_per_epoch=samples_per_epoch, seed=seed)
     return ImageFiles(data_root, img_size, seed=seed)

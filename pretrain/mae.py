@@ -202,10 +202,12 @@ class MaskedAutoencoder(nn.Module):
         """Patch tokens with their position embeddings, no class token: (B, N, D)."""
         return self.encoder.patch_embed(images) + self.encoder.pos_embed[:, 1:]
 
-    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Prepend the class token and run the encoder's blocks and final norm."""
-        cls = (self.encoder.cls_token + self.encoder.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
-        x = torch.cat([cls, tokens], dim=1)
+    def encode_tokens(self, tokens: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """Prepend the class token (or ``prefix`` (1, P, D), tokens in its place) and run the encoder's blocks and
+        final norm."""
+        if prefix is None:
+            prefix = self.encoder.cls_token + self.encoder.pos_embed[:, :1]
+        x = torch.cat([prefix.expand(tokens.shape[0], -1, -1), tokens], dim=1)
         for block in self.encoder.blocks:
             x = block(x)
         return self.encoder.norm(x)

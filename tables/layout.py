@@ -69,7 +69,8 @@ def transfer_columns(protocol: str = TRANSFER_PROTOCOL) -> tuple[Column, ...]:
                  for name, header in TRANSFER_DATASETS)
 
 
-METHOD_NAMES = {"mae": "MAE", "rcmae": "RC-MAE", "rc-mae": "RC-MAE", "mixedae": "MixedAE"}
+METHOD_NAMES = {"mae": "MAE", "rcmae": "RC-MAE", "rc-mae": "RC-MAE", "mixedae": "MixedAE",
+                "mixedae-full": "MixedAE-Full", "mixedae-full*": "MixedAE-Full*"}
 BASELINE = "MAE"  # deltas are against this method's row of the same pretraining epochs and arch
 # The paper prints deltas only on its own rows; its reference rows keep exactly that (ours get one per row).
 PAPER_DELTA_METHODS = ("MixedAE", "MixedAE-Full*", "MixedAE-Full")

@@ -17,12 +17,14 @@ from mimbench.pretrain.mixedae import (
     HomologousAttention,
     MixedAEConfig,
     MixedAutoencoder,
+    complementary_masks,
     homologous_accuracy,
     homologous_contrastive_loss,
     homologous_softmax,
     mix,
     mixing_mask,
     source_layout,
+    topk_keys,
     unmix,
     use_homologous_attention,
     with_standard_attention,
@@ -275,8 +277,9 @@ def test_homologous_attention_keeps_exactly_k_keys_in_the_chosen_blocks(monkeypa
     assert [block.attn.topk for block in model.encoder.blocks[9:]] == [16] * 3
     kept = []
 
-    def recording_softmax(logits, topk):
-        attention, kept_index = original_softmax(logits, topk)
+    def recording_softmax(logits, topk, always_kept):
+        assert always_kept == 0  # the class token competes for the K keys by default
+        attention, kept_index = original_softmax(logits, topk, always_kept)
         kept.append((attention > 0).sum(dim=-1))
         return attention, kept_index
 
@@ -396,3 +399,241 @@ def test_exported_encoder_is_a_plain_timm_vit_that_loads_strictly_into_a_backbon
     path = save_backbone(tmp_path / "mixedae.safetensors", exported, metadata)
     loaded, report = backbone_from_checkpoint(path)
     assert report.encoder_fraction == 1.0 and [type(block.attn) for block in loaded.blocks] == [Attention] * 12
+
+
+# ------------------------------------------------------------------------------ complementary mixtures (Full)
+
+
+@pytest.mark.parametrize("num_sources", [2, 4])
+def test_complementary_mixtures_encode_every_source_position_exactly_once(num_sources):
+    torch.manual_seed(0)
+    base = mixing_mask(3, num_sources, 16)
+    full = complementary_masks(base, num_sources, num_sources).reshape(3, num_sources, 16)
+    assert torch.equal(full[:, 0], base)  # mixture 0 is MixedAE's
+    assert torch.equal(full[:, 1], (base + 1) % num_sources)
+    # Every (source, position) appears in exactly one mixture of its group, each mixture has equal shares.
+    slots = torch.arange(num_sources)
+    occupied = full[:, :, None, :] == slots[None, None, :, None]  # (G, m, S, N)
+    assert (occupied.sum(dim=1) == 1).all()
+    assert (occupied.sum(dim=-1) == 16 // num_sources).all()
+    # Fewer mixtures: the first ones of the full set.
+    assert torch.equal(complementary_masks(base, num_sources, 2).reshape(3, 2, 16), full[:, :2])
+
+
+def test_mix_of_several_mixtures_takes_each_position_from_its_groups_source():
+    tokens = torch.arange(8 * 16).float().reshape(8, 16, 1).expand(-1, -1, 3)  # value = image*16 + position
+    torch.manual_seed(0)
+    source_ids = complementary_masks(mixing_mask(2, 4, 16), 4, 3)  # G = 2, m = 3
+    mixed = mix(tokens, source_ids, mixtures=3)
+    assert mixed.shape == (6, 16, 3)
+    group = torch.arange(6)[:, None] // 3
+    expected = (group * 4 + source_ids) * 16 + torch.arange(16)
+    assert torch.equal(mixed[..., 0], expected.float())
+
+
+@pytest.mark.parametrize("mixtures", [1, 2, 4])
+def test_each_mixture_reconstructs_exactly_the_hidden_positions_of_each_source(monkeypatch, mixtures):
+    model = tiny_model(mixtures_per_group=mixtures)
+    images = structured_images(8)
+    seen = {}
+    real_loss = model.reconstruction_loss
+
+    def spy(targets, prediction, mask):
+        seen.update(targets=targets, prediction=prediction, mask=mask)
+        return real_loss(targets, prediction, mask)
+
+    monkeypatch.setattr(model, "reconstruction_loss", spy)
+    torch.manual_seed(1)
+    source_ids = model.sample_mixing_mask(images)
+    torch.manual_seed(1)
+    loss, parts = model(images)
+    assert source_ids.shape == (2 * mixtures, 64)
+    rows = 2 * mixtures * 4
+    assert seen["prediction"].shape == (rows, 64, 4 * 4 * 3) and seen["mask"].shape == (rows, 64)
+    # Row (g, j, s): the target is image g·S + s, the mask is where source s is absent from mixture j.
+    image_of_row = [g * 4 + s for g in range(2) for _ in range(mixtures) for s in range(4)]
+    assert torch.equal(seen["targets"], images[image_of_row])
+    hidden = source_ids.repeat_interleave(4, dim=0) != torch.arange(4).repeat(2 * mixtures)[:, None]
+    assert torch.equal(seen["mask"], hidden.float())
+    if mixtures == 4:  # every source is hidden at every position in exactly 3 of its 4 mixtures
+        assert (seen["mask"].reshape(2, 4, 4, 64).sum(dim=1) == 3).all()
+    assert torch.isfinite(loss) and 0 <= parts["homo_acc"] <= 1
+    assert model.visualize(images)["input"].shape == (8, 3, 32, 32)
+
+
+def test_mixtures_per_group_range_is_checked():
+    with pytest.raises(ValueError, match=r"mixtures_per_group must be in \[1, 1/mixing_ratio = 4\], not 5"):
+        MixedAEConfig(mixtures_per_group=5)
+    with pytest.raises(ValueError, match="mixtures_per_group"):
+        MixedAEConfig(mixtures_per_group=0)
+    with pytest.raises(ValueError, match=r"= 2\], not 3"):
+        MixedAEConfig(mixing_ratio=0.5, mixtures_per_group=3)
+
+
+def test_one_mixture_per_group_draws_and_computes_what_mixedae_does():
+    plain, single = tiny_model(), tiny_model(mixtures_per_group=1)
+    images = structured_images(8)
+    torch.manual_seed(3)
+    expected = plain(images)[0]
+    torch.manual_seed(3)
+    assert torch.equal(single(images)[0], expected)
+    # m = 2 draws the same random assignment, so its first mixture is m = 1's
+    double = tiny_model(mixtures_per_group=2)
+    torch.manual_seed(3)
+    first = plain.sample_mixing_mask(images)
+    torch.manual_seed(3)
+    assert torch.equal(double.sample_mixing_mask(images)[::2], first)
+
+
+# ------------------------------------------------------------------------------------ every open choice a switch
+
+
+def run_once(model: MixedAutoencoder, seed: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    torch.manual_seed(seed)
+    return model(structured_images(8))
+
+
+def with_default_weights(model: MixedAutoencoder) -> MixedAutoencoder:
+    """``model`` with the default model's weights wherever the names agree (the switch's own parts keep theirs)."""
+    model.load_state_dict(tiny_model().state_dict(), strict=False)
+    return model
+
+
+SWITCHES = {  # each alternative -> the parameters it adds (+) or removes (-) against the default model
+    "segment_embedding=False": (dict(segment_embedding=False), {"-segment_embed"}),
+    "segment_embedding_at=decoder": (dict(segment_embedding_at="decoder"), set()),
+    "homologous_last_blocks=2": (dict(homologous_last_blocks=2), set()),
+    "homologous_blocks=()": (dict(homologous_blocks=()), set()),
+    "homologous_topk_factor=2": (dict(homologous_topk_factor=2.0), set()),
+    "homologous_topk=8": (dict(homologous_topk=8), set()),
+    "topk_counts_cls=False": (dict(topk_counts_cls=False), set()),
+    "temperature=0.1": (dict(temperature=0.1), set()),
+    "contrastive_weight=1": (dict(contrastive_weight=1.0), set()),
+    "homocon_features=projection": (dict(homocon_features="projection"), {"+homocon_head.0.weight",
+                                    "+homocon_head.0.bias", "+homocon_head.2.weight", "+homocon_head.2.bias"}),
+    "decoder_cls=per_source": (dict(decoder_cls="per_source"), {"+source_cls_token"}),
+    "lr_batch=mixtures": (dict(lr_batch="mixtures"), set()),
+}
+
+
+@pytest.mark.parametrize("name", list(SWITCHES))
+def test_each_switch_changes_only_its_parameters_and_trains(name):
+    overrides, changed = SWITCHES[name]
+    default_names = {n for n, _ in tiny_model().named_parameters()}
+    model = tiny_model(**overrides)
+    names = {n for n, _ in model.named_parameters()}
+    assert {f"+{n}" for n in names - default_names} | {f"-{n}" for n in default_names - names} == changed
+    loss, parts = run_once(model)
+    assert set(parts) == {"loss_recon", "loss_homocon", "homo_acc"} and torch.isfinite(loss)
+    expected = parts["loss_recon"] + model.config.contrastive_weight * parts["loss_homocon"]
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    # The exported encoder is the same plain ViT whatever the switch.
+    assert list(model.export_encoder().state_dict()) == list(tiny_model().export_encoder().state_dict())
+
+
+def test_homocon_switches_change_only_the_contrastive_part():
+    _, reference = run_once(tiny_model())
+    for overrides in (dict(temperature=0.1), dict(contrastive_weight=1.0), dict(homocon_features="projection")):
+        loss, parts = run_once(with_default_weights(tiny_model(**overrides)))
+        assert torch.equal(parts["loss_recon"], reference["loss_recon"]), overrides
+        assert torch.equal(parts["homo_acc"], reference["homo_acc"]), overrides
+    assert run_once(tiny_model(temperature=0.1))[1]["loss_homocon"] != reference["loss_homocon"]
+    loss, parts = run_once(tiny_model(contrastive_weight=1.0))
+    assert torch.equal(parts["loss_homocon"], reference["loss_homocon"])
+    assert loss.item() == pytest.approx((parts["loss_recon"] + parts["loss_homocon"]).item(), rel=1e-6)
+
+
+def test_segment_embeddings_on_the_decoder_input_leave_the_encoder_alone():
+    plain = tiny_model(segment_embedding=False)
+    at_decoder = with_default_weights(tiny_model(segment_embedding_at="decoder"))
+    plain.load_state_dict(at_decoder.state_dict(), strict=False)
+    images, source_ids = structured_images(8), mixing_mask(2, 4, 64)
+    latent = at_decoder.forward_encoder(images, source_ids)
+    assert torch.equal(latent, plain.forward_encoder(images, source_ids))
+    # ... and mark each source's decoder input: source s's tokens move by segment_embed[s].
+    prediction, hidden = at_decoder.forward_decoder(latent, source_ids)
+    with torch.no_grad():
+        at_decoder.segment_embed[1] += 1.0
+    moved = at_decoder.forward_decoder(latent, source_ids)[0]
+    changed = (moved != prediction).flatten(1).any(dim=1)
+    assert changed.tolist() == [s == 1 for _ in range(2) for s in range(4)]
+
+
+def test_homologous_last_blocks_and_topk_factor_choose_blocks_and_k():
+    assert tiny_model(homologous_last_blocks=3).homologous_blocks == (9, 10, 11)
+    assert tiny_model(homologous_last_blocks=0).homologous_blocks == ()
+    assert tiny_model(homologous_topk_factor=2.0).topk == 32  # 2 · r·N = 2 · 16
+    assert tiny_model(homologous_topk=5, homologous_topk_factor=2.0).topk == 5  # absolute K wins
+    with pytest.raises(ValueError, match="not both"):
+        MixedAEConfig(homologous_blocks=(1,), homologous_last_blocks=1)
+    with pytest.raises(ValueError, match="homologous_topk must be in \\[1, 64\\]"):
+        tiny_model(homologous_topk=65, topk_counts_cls=False)
+    for name, value in (("segment_embedding_at", "both"), ("homocon_features", "mlp"), ("decoder_cls", "x"),
+                        ("lr_batch", "images")):
+        with pytest.raises(ValueError, match=f"{name} must be one of"):
+            MixedAEConfig(**{name: value})
+
+
+def test_class_token_not_counted_is_always_kept_besides_k_patch_keys():
+    logits = torch.randn(2, 3, 5, 9)
+    logits[..., 0] = -100.0  # the class token would never make the TopK on its own
+    attn, kept = homologous_softmax(logits, topk=3, always_kept=1)
+    assert kept.shape == (2, 3, 5, 3) and (kept >= 1).all()
+    assert torch.equal((attn > 0).sum(dim=-1), torch.full((2, 3, 5), 4))
+    assert (attn[..., 0] > 0).all()
+    assert torch.equal(kept.sort(dim=-1).values, topk_keys(logits, 3, 1).sort(dim=-1).values)
+    torch.testing.assert_close(attn.sum(dim=-1), torch.ones(2, 3, 5))
+    model = tiny_model(topk_counts_cls=False)
+    assert all(block.attn.always_kept == 1 for block in model.encoder.blocks)
+
+
+def test_per_source_class_tokens_feed_each_sources_decoder():
+    model = tiny_model(decoder_cls="per_source")
+    images, source_ids = structured_images(8), mixing_mask(2, 4, 64)
+    latent = model.forward_encoder(images, source_ids)
+    assert latent.shape == (2, 4 + 64, 192) and model.prefix == 4
+    torch.manual_seed(0)
+    prediction, _ = model.forward_decoder(latent, source_ids)
+    bumped = latent.clone()
+    bumped[:, 2] += 1.0  # the class token of source slot 2 reaches that source's decoder only
+    changed = (model.forward_decoder(bumped, source_ids)[0] != prediction).flatten(1).any(dim=1)
+    assert changed.tolist() == [s == 2 for _ in range(2) for s in range(4)]
+
+
+@pytest.mark.parametrize(("overrides", "share"), [({}, 1), (dict(lr_batch="mixtures"), 0.25),
+                                                  (dict(lr_batch="mixtures", mixtures_per_group=2), 0.5)])
+def test_lr_batch_counts_source_or_mixed_images(overrides, share):
+    assert tiny_model(**overrides).lr_batch_share == share
+
+
+@pytest.mark.parametrize(("overrides", "name"), [({}, "mixedae"), (dict(mixtures_per_group=2), "mixedae-full*"),
+                                                 (dict(mixtures_per_group=4), "mixedae-full"),
+                                                 (dict(mixtures_per_group=3), "mixedae-m3"),
+                                                 (dict(mixing_ratio=0.5, mixtures_per_group=2), "mixedae-full")])
+def test_exports_name_the_full_variants_by_their_mixtures(overrides, name):
+    assert tiny_model(**overrides).export_method == name
+
+
+def test_reconstruction_weight_zero_leaves_homocon_alone():
+    loss, parts = run_once(tiny_model(reconstruction_weight=0.0))
+    assert loss.item() == pytest.approx(0.1 * parts["loss_homocon"].item(), rel=1e-6) and parts["loss_recon"] > 0
+
+
+def test_ablation_plan_names_the_posters_rows_and_builds_each_variant():
+    from mimbench.pretrain.ablations import ablation_plan
+    from mimbench.pretrain.run import parse_args
+
+    plan = ablation_plan()
+    objective = [run.variant for run in plan if run.ablation == "objective"]
+    assert objective == ["L_recon", "L_HomoCon", "L_recon + L_HomoCon"]  # the reference CSV's variants
+    assert len({tuple(sorted(run.tags.items())) for run in plan}) == len(plan)
+    for run in plan:
+        loss, _ = run_once(tiny_model(**run.options))
+        assert torch.isfinite(loss), run
+        # its flags give pretrain/run.py exactly its options
+        parsed = parse_args(["--method", "mixedae", "--data-root", "unused", *run.flags()]).recipe.method_options
+        assert {name: parsed[name] for name in run.options} == run.options
+    assert plan[1].flags() == ["--reconstruction-weight", "0.0"]
+    assert plan[4].flags() == ["--no-segment-embedding"]

@@ -54,11 +54,14 @@ def test_learning_rate_schedule():
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_is_exact(tmp_path, tiny_run):
+@pytest.mark.parametrize("method", [["--method", "rcmae"],
+                                    # MixedAE-Full's settings (no boxes in the photos: random crops, said once)
+                                    ["--method", "mixedae", "--mixtures-per-group", "4", "--object-aware"]])
+def test_resume_after_sigkill_is_exact(tmp_path, tiny_run, method):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert main(["--method", "rcmae", *tiny_run, "--out", str(straight)]) == 0
+    assert main([*method, *tiny_run, "--out", str(straight)]) == 0
 
-    process = subprocess.Popen([sys.executable, str(ROOT / "pretrain" / "run.py"), "--method", "rcmae", *tiny_run,
+    process = subprocess.Popen([sys.executable, str(ROOT / "pretrain" / "run.py"), *method, *tiny_run,
                                 "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = killed / "checkpoints" / "step_00000005.pth"
     deadline = time.time() + 120
@@ -71,7 +74,7 @@ def test_resume_after_sigkill_is_exact(tmp_path, tiny_run):
     assert checkpoint_paths(killed)[-1] != killed / "checkpoints" / "step_00000020.pth"
 
     with pytest.warns(UserWarning, match="taking over the lock left by a run that is no longer running"):
-        assert main(["--method", "rcmae", *tiny_run, "--out", str(killed), "--resume"]) == 0
+        assert main([*method, *tiny_run, "--out", str(killed), "--resume"]) == 0
     expected, got = final_model(straight), final_model(killed)
     assert expected.keys() == got.keys()
     for key in expected:
@@ -242,3 +245,28 @@ def test_init_from_an_encoder_only_file_is_one_line(tmp_path, tiny_run, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {encoder}: holds no decoder") and "\n" not in err
     assert not checkpoint_paths(tmp_path / "b")
+
+
+@pytest.mark.parametrize(("flags", "images_per_source_image"), [([], 1), (["--lr-batch", "mixtures"], 0.25),
+                                                                 (["--lr-batch", "mixtures",
+                                                                   "--mixtures-per-group", "2"], 0.5)])
+def test_mixedae_lr_counts_source_or_mixed_images(tmp_path, tiny_run, flags, images_per_source_image):
+    trainer = Trainer(parse_args(["--method", "mixedae", *tiny_run, *flags, "--out", str(tmp_path)]))
+    assert trainer.peak_lr == pytest.approx(4 * 1.5e-4 * 8 * images_per_source_image / 256, rel=1e-12)
+    assert trainer.optimizer.param_groups[0]["lr"] == trainer.peak_lr
+
+
+@pytest.mark.slow  # writes the embedded COCO scenes and trains 10 steps
+def test_mixedae_full_exports_its_table_name_and_uses_the_scenes_boxes(tmp_path, tiny_run):
+    from mimbench.tables.layout import METHOD_NAMES, PAPER_DELTA_METHODS
+    from mimbench.transfer.coco_data import write_embedded_coco
+
+    coco = write_embedded_coco(tmp_path / "coco")
+    for mixtures, name in (("4", "mixedae-full"), ("2", "mixedae-full*")):
+        out = tmp_path / name
+        assert main(["--method", "mixedae", *tiny_run, "--data-root", str(coco), "--epochs", "1",
+                     "--samples-per-epoch", "80", "--mixtures-per-group", mixtures, "--object-aware",
+                     "--out", str(out)]) == 0
+        metadata = backbone_from_checkpoint(out / "encoder.safetensors")[1].metadata
+        assert metadata.method == name and METHOD_NAMES[name] in PAPER_DELTA_METHODS
+        assert "object-aware crops" in metadata.data

@@ -33,9 +33,9 @@ from mimbench.pretrain.rcmae import MicroBatch, RCMAEConfig, ReconstructionConsi
 SMALL = dict(arch="vit_tiny_patch4_32", decoder_dim=64, decoder_depth=1, decoder_heads=4)
 
 
-def small_method(method: str) -> torch.nn.Module:
-    """The engine's factory, as a run builds the method: tiny ViT, a 1 x 64 decoder."""
-    options = dict(decoder_dim=64, decoder_depth=1, decoder_heads=4)
+def small_method(method: str, **extra) -> torch.nn.Module:
+    """The engine's factory, as a run builds the method: tiny ViT, a 1 x 64 decoder (+ ``extra`` options)."""
+    options = dict(decoder_dim=64, decoder_depth=1, decoder_heads=4, **extra)
     return build_method(PretrainConfig(run=RunSpec(method=method, arch="vit_tiny_patch4_32"),
                                        recipe=dataclasses.replace(BASE, method_options=options)))
 
@@ -144,10 +144,11 @@ def photos_root(tmp_path_factory):
 
 
 @pytest.mark.slow  # trains: 50 steps per method
-@pytest.mark.parametrize("method", ["mae", "rcmae", "mixedae"])
-def test_loss_decreases_on_the_embedded_photos(method, photos_root):
+@pytest.mark.parametrize(("method", "extra"), [("mae", {}), ("rcmae", {}), ("mixedae", {}),
+                                              ("mixedae", dict(mixtures_per_group=4))])  # MixedAE-Full's mixing
+def test_loss_decreases_on_the_embedded_photos(method, extra, photos_root):
     torch.manual_seed(0)
-    model = small_method(method)
+    model = small_method(method, **extra)
     photos = EmbeddedPhotos(photos_root, img_size=32, samples_per_epoch=16, seed=0)
     images = torch.stack([photos[i][0] for i in range(16)])  # (image, index if its file was unreadable)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3,

@@ -5,6 +5,7 @@ hierarchical backbone (timm's resnet18)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -342,7 +343,7 @@ OLD_DEFAULTS = dict(epochs=100, warmup_epochs=5, batch_size=64, total_batch_size
                     weight_decay=0.05, layer_decay=0.65, drop_path=0.1, global_pool="avg", image_size=None,
                     eval_crop_ratio=0.875, min_crop_scale=0.08, hflip=0.5, label_smoothing=0.1, mixup=0.0,
                     cutmix=0.0, randaugment=None, random_erasing=0.0, frozen_backbone=False, optimizer="adamw",
-                    num_workers=4)
+                    num_workers=4, steps=None, lr_batch_scaling=True, wd_over_lr=False)
 OLD_RECIPES = {
     "transfer": dict(lr_grid=(2.5e-4, 5e-4, 1e-3), wd_grid=(0.05, 0.3)),
     "imagenet": dict(batch_size=128, total_batch_size=1024, randaugment="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0,
@@ -357,7 +358,7 @@ OLD_RECIPES = {
 
 
 def test_presets_keep_the_recipes_numbers_and_derive_from_mae():
-    assert set(PRESETS) == set(OLD_RECIPES) and PRESETS["imagenet"] == MAE_FINETUNE == FinetuneRecipe()
+    assert set(PRESETS) == set(OLD_RECIPES) | {"ericsson"} and PRESETS["imagenet"] == MAE_FINETUNE == FinetuneRecipe()
     for name, overrides in OLD_RECIPES.items():
         assert asdict(PRESETS[name]) == {"lr_grid": (), "wd_grid": (), **OLD_DEFAULTS, **overrides}, name
 
@@ -586,3 +587,62 @@ def test_resnet18_fine_tunes_with_layer_decay_by_stage(tmp_path, resnet_checkpoi
     assert scales["fc.weight"] == 1.0 and scales["conv1.weight"] == pytest.approx(0.75 ** 5)
     assert scales["layer1.0.conv1.weight"] == pytest.approx(0.75 ** 4)
     assert scales["layer4.1.conv2.weight"] == pytest.approx(0.75)
+
+
+# ------------------------------------------------------------------------------------- Ericsson et al.'s protocol
+
+
+def test_ericsson_recipe_is_their_finetune_py():
+    recipe = PRESETS["ericsson"]
+    assert (recipe.optimizer, recipe.steps, recipe.batch_size, recipe.total_batch_size) == ("sgd-nesterov", 5000, 64,
+                                                                                            None)
+    assert (recipe.warmup_epochs, recipe.min_lr, recipe.lr_batch_scaling, recipe.layer_decay) == (0, 0.0, False, 1.0)
+    # lr = logspace(-4, -1, 4) descending; wd = w / lr for w in [0, logspace(-6, -3, 4)]
+    assert recipe.lr_grid == pytest.approx(torch.logspace(-4, -1, 4).flip(0).tolist())
+    assert recipe.wd_grid == pytest.approx([0.0, *torch.logspace(-6, -3, 4).tolist()]) and recipe.wd_over_lr
+    assert (recipe.min_crop_scale, recipe.hflip, recipe.eval_crop_ratio) == (0.08, 0.5, 1.0)
+    assert (recipe.label_smoothing, recipe.mixup, recipe.cutmix, recipe.randaugment, recipe.random_erasing) == (
+        0.0, 0.0, 0.0, None, 0.0)
+
+
+def test_a_step_budget_runs_exactly_its_steps_on_sgd_nesterov_with_a_cosine_to_zero(tmp_path, checkpoint):
+    run = small_run(checkpoint, tmp_path / "run", base=PRESETS["ericsson"], steps=10, batch_size=16, image_size=16,
+                    base_lr=0.01, weight_decay=1e-3)
+    assert run.steps_per_epoch == 4 and run.epochs == 3  # 64 images / 16: the third epoch is cut at step 10
+    assert run.peak_lr == 0.01  # not scaled by the batch
+    (group,) = run.optimizer.param_groups
+    assert isinstance(run.optimizer, torch.optim.SGD) and group["nesterov"] and group["momentum"] == 0.9
+    assert group["weight_decay"] == 1e-3 and len(group["params"]) == len(list(run.model.parameters()))
+    lrs = []
+    step = run.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        lrs.append(run.optimizer.param_groups[0]["lr"])
+        return step(*args, **kwargs)
+
+    run.optimizer.step = recording_step
+    result = run.train(progress=False)
+    # torch's CosineAnnealingLR over 10 steps, as their code steps it: lr_t = lr (1 + cos(pi t / 10)) / 2
+    assert lrs == pytest.approx([0.01 * (1 + math.cos(math.pi * t / 10)) / 2 for t in range(10)], rel=1e-12)
+    assert len(result["history"]) == 3
+
+
+@pytest.mark.slow
+def test_ericsson_recipe_on_digits_runs_its_grid_and_is_scored_on_test(tmp_path, checkpoint):
+    store = tmp_path / "results.jsonl"
+    # Their grid's shape at test size: two lrs x two weight decays (w / lr), a 20-step budget.
+    assert main(["digits", "--ckpt", str(checkpoint), "--protocol", "finetune", "--preset", "ericsson",
+                 "--steps", "20", "--image-size", "16", "--hflip", "0", "--lr-grid", "0.05", "0.01",
+                 "--wd-grid", "0", "1e-4", "--num-workers", "0", "--results", str(store),
+                 "--out", str(tmp_path / "run")]) == 0
+    (result,) = records(store)
+    assert result.config["preset"] == "ericsson" and result.config["recipe"]["optimizer"] == "sgd-nesterov"
+    assert set(result.config["grid_val_scores"]) == {"lr0.05_wd0", "lr0.05_wd0.002", "lr0.01_wd0", "lr0.01_wd0.01"}
+    chosen = max(result.config["grid_val_scores"], key=result.config["grid_val_scores"].get)
+    final = result.config["finetune"]
+    assert chosen == f"lr{final['base_lr']:g}_wd{final['weight_decay']:g}"
+    # Scored on test by the final trainval run (20 steps teach a random tiny ViT little: the fast step-budget test
+    # checks the optimizer and schedule exactly).
+    final_result = json.loads((tmp_path / "run" / "final" / "result.json").read_text())
+    assert result.value == pytest.approx(final_result["score"], abs=1e-4) and final_result["config"]["steps"] == 20
+    assert final_result["config"]["weight_decay"] == final["weight_decay"]

@@ -353,6 +353,8 @@ def finetune(config: ClassificationConfig, spec: DatasetSpec, split: Callable[[s
     # Grid on the transfer sets (train -> val), unless the recipe is ImageNet's or the grid has one point.
     base = config.recipe
     grid = list(itertools.product(base.lr_grid or (base.base_lr,), base.wd_grid or (base.weight_decay,)))
+    if base.wd_over_lr and base.wd_grid:  # Ericsson et al.'s grid: weight decay w / lr
+        grid = [(lr, wd / lr) for lr, wd in grid]
     use_grid = len(grid) > 1 and spec.name != "imagenet"
     val_scores: dict[str, float] = {}
     if use_grid:

@@ -11,6 +11,10 @@ recipe with ``dataclasses.replace``) are the data that tells the protocols apart
   the learning rate and weight decay are chosen on val from a small grid (``transfer/classification.py``).
 - ``imagenet-linear``: MAE's linear probe (appendix A.4): frozen backbone, BatchNorm without affine before the
   linear head, LARS.
+- ``ericsson``: Ericsson et al., "How Well Do Self-Supervised Models Transfer?", CVPR 2021 (linusericsson/
+  ssl-transfer, finetune.py), the protocol of the ResNet rows of the MixedAE transfer table: SGD with Nesterov
+  momentum 0.9 on every parameter, 5000 steps of batch 64, cosine to 0 without warmup, lr and weight decay chosen
+  on val from their grid, RandomResizedCrop + flip for training, resize + centre crop for evaluation.
 - ``embedded``: the CPU demo on the bundled digits (16x16 inputs, 5 epochs).
 
 Runs on a CPU, one GPU, or many under ``torchrun`` (DDP; NCCL on GPU, gloo on CPU), in the precision the run
@@ -85,12 +89,15 @@ class FinetuneRecipe:
     randaugment: str | None = "rand-m9-mstd0.5-inc1"  # timm auto-augment spec: RandAugment (9, 0.5)
     random_erasing: float = 0.25
     frozen_backbone: bool = False  # train only a BatchNorm (no affine) + linear head on the pooled features
-    optimizer: str = "adamw"  # "adamw" | "lars"
+    optimizer: str = "adamw"  # "adamw" | "lars" | "sgd-nesterov" (momentum 0.9, weight decay on every parameter)
+    steps: int | None = None  # a budget of optimizer steps instead of epochs (the schedule runs over it)
+    lr_batch_scaling: bool = True  # lr = base_lr * effective batch / 256; False: lr = base_lr
     num_workers: int = 10  # data-loading processes per training process (MAE's default; changes no number)
     # Base lrs and weight decays tried on val (train -> val), the best pair retrained on trainval; empty: base_lr
     # (weight_decay) alone. An explicit --base-lr (--weight-decay) on the command line is that one value.
     lr_grid: tuple[float, ...] = ()
     wd_grid: tuple[float, ...] = ()
+    wd_over_lr: bool = False  # each wd_grid value is divided by the lr it is paired with (Ericsson et al.'s grid)
 
 
 # MAE's ImageNet fine-tuning recipe as it stands (the field defaults above): no grid, as the paper's fixed values.
@@ -117,8 +124,19 @@ EMBEDDED = replace(TRANSFER, epochs=5, warmup_epochs=1, base_lr=1e-2, layer_deca
                    min_crop_scale=0.8, hflip=0.0, image_size=16, eval_crop_ratio=1.0, num_workers=0,
                    lr_grid=(3e-3, 1e-2), wd_grid=(0.05,))
 
+# Ericsson et al. 2021 (linusericsson/ssl-transfer finetune.py): SGD, momentum 0.9, Nesterov, weight decay on every
+# parameter, CosineAnnealingLR over 5000 steps (no warmup, to 0), batch 64; lr in logspace(-4, -1, 4) and weight
+# decay w / lr for w in {0} + logspace(-6, -3, 4), chosen on val, then trainval -> test; RandomResizedCrop (scale
+# 0.08-1, bicubic) + flip, evaluation resize + centre crop at the input size; no label smoothing, mixup or
+# RandAugment. Theirs is a ResNet (no drop path, no layer decay); the head's init is ours (MAE's).
+ERICSSON = replace(MAE_FINETUNE, steps=5000, warmup_epochs=0, batch_size=64, total_batch_size=None, min_lr=0.0,
+                   layer_decay=1.0, drop_path=0.0, eval_crop_ratio=1.0, label_smoothing=0.0, mixup=0.0, cutmix=0.0,
+                   randaugment=None, random_erasing=0.0, optimizer="sgd-nesterov", lr_batch_scaling=False,
+                   num_workers=4, lr_grid=(0.1, 0.01, 0.001, 0.0001), wd_grid=(0.0, 1e-6, 1e-5, 1e-4, 1e-3),
+                   wd_over_lr=True)
+
 PRESETS: dict[str, FinetuneRecipe] = {"imagenet": MAE_FINETUNE, "transfer": TRANSFER,
-                                      "imagenet-linear": IMAGENET_LINEAR, "embedded": EMBEDDED}
+                                      "imagenet-linear": IMAGENET_LINEAR, "embedded": EMBEDDED, "ericsson": ERICSSON}
 
 
 def train_transform(recipe: FinetuneRecipe, image_size: int) -> Callable:
@@ -200,7 +218,7 @@ class FinetuneRun:
             raise ConfigError(f"total batch {total} is not a multiple of batch {recipe.batch_size} x {world} "
                               "processes")
         self.accum_steps = total // per_step
-        self.peak_lr = recipe.base_lr * total / 256
+        self.peak_lr = recipe.base_lr * total / 256 if recipe.lr_batch_scaling else recipe.base_lr
         self.sampler = DistributedSampler(train_set, num_replicas=world, rank=distributed.rank, shuffle=True,
                                           seed=seed, drop_last=True)
         self.loader = DataLoader(train_set, batch_size=recipe.batch_size, sampler=self.sampler, drop_last=True,
@@ -210,6 +228,11 @@ class FinetuneRun:
         if len(self.loader) == 0:
             raise ConfigError(f"{len(train_set)} training images cannot fill one batch of {recipe.batch_size} "
                               f"on {world} process(es); lower --batch-size")
+        # A step budget: as many epochs as it needs (the last one cut short), the schedule over the budget.
+        self.schedule, self.epochs = recipe, recipe.epochs
+        if recipe.steps:
+            self.epochs = -(-recipe.steps // self.steps_per_epoch)
+            self.schedule = replace(recipe, epochs=recipe.steps / self.steps_per_epoch)
 
         self.optimizer = self._optimizer()
         self.mixup = None
@@ -235,14 +258,19 @@ class FinetuneRun:
                                               recipe.layer_decay)
         if recipe.optimizer == "adamw":
             return torch.optim.AdamW(groups, lr=self.peak_lr)
-        raise ConfigError(f"unknown optimizer {recipe.optimizer!r}; choose adamw or lars")
+        if recipe.optimizer == "sgd-nesterov":  # Ericsson et al.: one group, weight decay on every parameter
+            trained = [p for p in self.model.parameters() if p.requires_grad]
+            return torch.optim.SGD([{"params": trained, "lr_scale": 1.0}], lr=self.peak_lr, momentum=0.9,
+                                   nesterov=True, weight_decay=recipe.weight_decay)
+        raise ConfigError(f"unknown optimizer {recipe.optimizer!r}; choose adamw, lars or sgd-nesterov")
 
     # ---------------------------------------------------------------------------------- state on disk
 
     def settings(self) -> dict[str, Any]:
         """What decides the run's numbers, stored with its checkpoint and result: a resume must match them."""
         # Loader workers change no number; the grid is the caller's (this run trains one of its points).
-        recipe = {k: v for k, v in asdict(self.recipe).items() if k not in ("num_workers", "lr_grid", "wd_grid")}
+        recipe = {k: v for k, v in asdict(self.recipe).items()
+                  if k not in ("num_workers", "lr_grid", "wd_grid", "wd_over_lr")}
         return {**recipe, "seed": self.seed, "precision": precision_name(self.dtype)}
 
     def save(self) -> None:
@@ -283,7 +311,7 @@ class FinetuneRun:
                 raise ConfigError(f"{done}: a finished run with another configuration; use another --out or delete it")
             return result
         self.resume()
-        while self.epoch < self.recipe.epochs:
+        while self.epoch < self.epochs:
             started = time.perf_counter()
             train_loss = self.train_epoch(progress)
             evaluation = self.evaluate()
@@ -291,7 +319,7 @@ class FinetuneRun:
             self.epoch += 1
             self.history.append({"epoch": self.epoch, "train_loss": train_loss, self.metric: evaluation})
             if self.dist.is_main and progress:
-                print(f"epoch {self.epoch}/{self.recipe.epochs}: loss {train_loss:.4f}, {self.metric} {evaluation:.2f}",
+                print(f"epoch {self.epoch}/{self.epochs}: loss {train_loss:.4f}, {self.metric} {evaluation:.2f}",
                       flush=True)
             self.save()
         result = {"score": self.history[-1][self.metric], "metric": self.metric, "history": self.history,
@@ -328,8 +356,11 @@ class FinetuneRun:
                     images, targets = images[:-1], targets[:-1]
                 images, targets = self.mixup(images, targets)
             step = self.epoch * self.steps_per_epoch + index // self.accum_steps
+            if recipe.steps and step >= recipe.steps:
+                break
+            lr = learning_rate(step / self.steps_per_epoch, self.schedule, self.peak_lr)
             for group in self.optimizer.param_groups:
-                group["lr"] = learning_rate(step / self.steps_per_epoch, recipe, self.peak_lr) * group["lr_scale"]
+                group["lr"] = lr * group["lr_scale"]
             boundary = (index + 1) % self.accum_steps == 0
             sync = contextlib.nullcontext() if boundary or self.ddp is self.model else self.ddp.no_sync()
             with sync:
