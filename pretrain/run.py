@@ -1,4 +1,4 @@
-"""Pretrain a ViT with MAE, RC-MAE or MixedAE.
+"""Pretrain a ViT with MAE, RC-MAE or MixedAE, or any backbone with labels (``--method supervised``).
 
     python pretrain/run.py --method mixedae --data-root /imagenet/train --out runs/mixedae300   # the paper's recipe
     torchrun --nproc_per_node 8 pretrain/run.py --method mae --data-root /imagenet/train --batch-size 64 \\
@@ -31,7 +31,7 @@ EMBEDDED = Embedded(root="runs/datasets/photos-embedded", preset="embedded_cpu",
 def chosen_method(argv: list[str] | None) -> str:
     """--method, else the replayed config's, else the default: it decides which option flags exist."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--method", choices=list(METHODS))
+    pre.add_argument("--method", choices=[*METHODS, "supervised"])
     pre.add_argument("--config")
     known = pre.parse_known_args(argv)[0]
     saved = read_config(known.config).get("run") if known.config else None
@@ -59,8 +59,16 @@ def parse_args(argv: list[str] | None = None) -> PretrainConfig:
     return resolve(dataclasses.replace(config, recipe=recipe))
 
 
+def train(argv: list[str] | None) -> object:
+    if chosen_method(argv) == "supervised":  # labels, not reconstruction: its own loop (pretrain/supervised.py)
+        from mimbench.pretrain import supervised
+
+        return supervised.SupervisedTrainer(supervised.parse_args(argv)).train()
+    return Trainer(parse_args(argv)).train()
+
+
 def main(argv: list[str] | None = None) -> int:
-    return exit_status(lambda: Trainer(parse_args(argv)).train())
+    return exit_status(lambda: train(argv))
 
 
 if __name__ == "__main__":
