@@ -39,7 +39,7 @@ import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
-from mimbench.backbones.mpvit import MPViT, shared_aliases
+from mimbench.backbones.mpvit import MPViT, official_key
 from mimbench.backbones.registry import HIERARCHICAL_ARCHS
 from mimbench.backbones.vit import ARCHS, backbone_archs, create_backbone
 from mimbench.core.errors import UserError
@@ -402,12 +402,12 @@ def _infer_shape_summary(encoder: Mapping[str, torch.Tensor]) -> str:
     return f"embed_dim {width}, depth {depth}, patch {patch}"
 
 
-def _fold_shared_copies(encoder: dict[str, torch.Tensor], path: Path) -> list[str]:
-    """Drop the official MPViT files' block-level copies of a path's shared position encodings (each must equal the
-    shared tensor it repeats) and return their keys."""
-    copies = [key for key in encoder if shared_aliases(key) is not None]
+def _from_official_mpvit(encoder: dict[str, torch.Tensor], path: Path) -> list[str]:
+    """Rename the official MPViT keys that differ from ours (:func:`~mimbench.backbones.mpvit.official_key`): a
+    block's copy of its path's shared position encoding must equal the shared tensor. Returns the keys renamed."""
+    copies = [key for key in encoder if official_key(key) is not None]
     for key in copies:
-        shared = shared_aliases(key)
+        shared = official_key(key)
         value = encoder.pop(key)
         if shared not in encoder:
             encoder[shared] = value
@@ -432,7 +432,7 @@ def load_backbone(
     if isinstance(model, MPViT) and isinstance(obj, Mapping) and {"model", "model_ema"} <= obj.keys():
         which = "student"  # the official release's reported accuracy is its "model"; "model_ema" is a side EMA
     encoder, source, set_aside = encoder_state_dict(obj, path, which, model_keys=None if vit else set(expected))
-    if isinstance(model, MPViT) and _fold_shared_copies(encoder, path):
+    if isinstance(model, MPViT) and _from_official_mpvit(encoder, path):
         source += ", official MPViT layout"
     if metadata is not None:
         source = f"{FORMAT_TAG} {metadata.method} checkpoint"

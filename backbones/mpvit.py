@@ -17,11 +17,11 @@ A linear head classifies the global average pool of the last stage.
 
 Parameter names follow the official release (``stem.N.{conv,bn}``, ``patch_embed_stages.S.patch_embeds.P.
 patch_conv.{dwconv,pwconv,bn}``, ``mhca_stages.S.mhca_blks.P.MHCA_layers.L.factoratt_crpe.{qkv,proj}``,
-``mhca_stages.S.{InvRes,aggregate}``, ``cls_head.cls``), so its checkpoints load without renaming. The position
-encodings of a path are one module shared by all its blocks; they are registered once, at the path
+``mhca_stages.S.{InvRes,aggregate}``), so its checkpoints load with two renamings (:func:`official_key`): the
+position encodings of a path are one module shared by all its blocks, registered once, at the path
 (``mhca_blks.P.{cpe,crpe}``), while the official state dicts repeat them under every block
-(``MHCA_layers.L.cpe``, ``MHCA_layers.L.crpe``, ``MHCA_layers.L.factoratt_crpe.crpe``): :func:`shared_aliases`
-names those copies for the checkpoint loader.
+(``MHCA_layers.L.cpe``, ``MHCA_layers.L.crpe``, ``MHCA_layers.L.factoratt_crpe.crpe``); and the head is the
+linear layer ``cls_head`` itself (timm's form, officially ``cls_head.cls``).
 """
 
 from __future__ import annotations
@@ -35,7 +35,10 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
+
+from mimbench.core.errors import ConfigError
 
 # Window size -> number of heads of the convolutional relative position encoding (CoaT's choice, 8 heads).
 CRPE_WINDOWS = {3: 2, 5: 3, 7: 3}
@@ -254,15 +257,6 @@ class MultiPathStage(nn.Module):
         return self.aggregate(torch.cat(outputs, dim=1))
 
 
-class ClassifierHead(nn.Module):
-    def __init__(self, dim: int, num_classes: int) -> None:
-        super().__init__()
-        self.cls = nn.Linear(dim, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.cls(F.adaptive_avg_pool2d(x, 1).flatten(1))
-
-
 class MPViT(nn.Module):
     """MPViT of one :class:`MPViTSize`. ``num_classes=0``: headless, ``forward`` gives the pooled features.
 
@@ -271,9 +265,11 @@ class MPViT(nn.Module):
     ``modules`` are its patch embeddings and its encoders, so both get the stage's layer id.
     """
 
-    def __init__(self, size: MPViTSize, num_classes: int = 1000, drop_path_rate: float = 0.0, in_chans: int = 3
-                 ) -> None:
+    def __init__(self, size: MPViTSize, num_classes: int = 1000, drop_path_rate: float = 0.0, in_chans: int = 3,
+                 global_pool: str = "avg") -> None:
         super().__init__()
+        if global_pool != "avg":
+            raise ConfigError(f"MPViT pools its last stage's average; it has no {global_pool!r} pooling")
         dims = size.embed_dims
         out_dims = (*dims[1:], dims[-1])
         # Drop path grows linearly over all blocks of all stages; every path of a stage uses its stage's share.
@@ -290,11 +286,16 @@ class MPViT(nn.Module):
                            size.num_heads, size.mlp_ratio,
                            rates[starts[stage]:starts[stage] + size.num_layers[stage]])
             for stage in range(4))
-        self.cls_head = ClassifierHead(out_dims[-1], num_classes) if num_classes > 0 else None
+        # The official ``cls_head.cls`` (a module around the linear layer): here the linear layer itself, a direct
+        # child as timm's heads are (see official_key).
+        self.cls_head = nn.Linear(out_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.feature_info = [
             dict(num_chs=out_dims[stage], reduction=4 * 2 ** stage, module=f"mhca_stages.{stage}",
                  modules=(f"patch_embed_stages.{stage}", f"mhca_stages.{stage}"))
             for stage in range(4)]
+        # timm's description of the input (the official release's: 224², ImageNet mean/std, crop 0.9, bicubic).
+        self.pretrained_cfg = dict(input_size=(3, 224, 224), crop_pct=0.9, interpolation="bicubic",
+                                   mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, classifier="cls_head")
         self.apply(self._init_linear_and_norm)
 
     @staticmethod
@@ -330,9 +331,15 @@ class MPViT(nn.Module):
             x = encode(embed(x))
         return x
 
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        pooled = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return pooled if pre_logits else self.cls_head(pooled)
+
+    def get_classifier(self) -> nn.Module:
+        return self.cls_head
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.forward_features(x)
-        return self.cls_head(x) if self.cls_head is not None else F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.forward_head(self.forward_features(x))
 
 
 def mpvit_builder(name: str) -> Callable[..., MPViT]:
@@ -340,11 +347,17 @@ def mpvit_builder(name: str) -> Callable[..., MPViT]:
     return partial(MPViT, SIZES[name])
 
 
-# The official state dicts repeat a path's shared position encodings under each block.
-_SHARED_ALIAS = re.compile(r"^(.*\.mhca_blks\.\d+\.)MHCA_layers\.\d+\.(?:factoratt_crpe\.)?(cpe|crpe)\.(.+)$")
+# The official state dicts repeat a path's shared position encodings under each block, and hold the head's linear
+# layer one level down (cls_head.cls).
+_SHARED_COPY = re.compile(r"^(.*\.mhca_blks\.\d+\.)MHCA_layers\.\d+\.(?:factoratt_crpe\.)?(cpe|crpe)\.(.+)$")
+_HEAD = re.compile(r"^cls_head\.cls\.(weight|bias)$")
 
 
-def shared_aliases(key: str) -> str | None:
-    """The key of the one shared module that an official block-level copy ``key`` repeats, else None."""
-    match = _SHARED_ALIAS.match(key)
-    return None if match is None else f"{match.group(1)}{match.group(2)}.{match.group(3)}"
+def official_key(key: str) -> str | None:
+    """Our key for an official key that differs from ours (a block's copy of its path's shared position encoding,
+    or the head's ``cls_head.cls.*``), else None. Every other official key is ours as it is."""
+    if (match := _SHARED_COPY.match(key)) is not None:
+        return f"{match.group(1)}{match.group(2)}.{match.group(3)}"
+    if (match := _HEAD.match(key)) is not None:
+        return f"cls_head.{match.group(1)}"
+    return None

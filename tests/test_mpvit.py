@@ -4,6 +4,7 @@ attention against its formula, layer ids per stage, and official checkpoint layo
 from __future__ import annotations
 
 import argparse
+import re
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from mimbench.backbones.checkpoint import (
     save_backbone,
 )
 from mimbench.backbones.contract import FeatureLevel, backbone_contract
-from mimbench.backbones.mpvit import CRPE_WINDOWS, MPViT, shared_aliases
+from mimbench.backbones.mpvit import CRPE_WINDOWS, MPViT, official_key
 from mimbench.backbones.vit import backbone_archs, count_parameters, create_backbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -104,7 +105,7 @@ def test_layer_ids_per_stage_and_weight_decay_as_the_official_recipe():
     for stage in range(4):
         assert ids[f"patch_embed_stages.{stage}.patch_embeds.0.patch_conv.dwconv.weight"] == stage + 1
         assert ids[f"mhca_stages.{stage}.aggregate.conv.weight"] == stage + 1
-    assert ids["cls_head.cls.weight"] == 5
+    assert ids["cls_head.weight"] == 5
     assert contract.layer_id("backbone.bottom_up.mhca_stages.2.InvRes.dwconv.weight") == 3  # wrapped
     # timm's create_optimizer (the official main.py): no decay for 1-d tensors (norms, biases), decay elsewhere
     decayed = {name for name, p in model.named_parameters() if not contract.no_weight_decay(name, p)}
@@ -124,9 +125,10 @@ def test_drop_path_grows_linearly_over_all_blocks():
 
 
 def official_state_dict(model: MPViT) -> dict[str, torch.Tensor]:
-    """The official key layout, built from ours: the same names, plus every block's copies of its path's shared
-    position encodings (``MHCA_layers.L.cpe``, ``MHCA_layers.L.crpe``, ``MHCA_layers.L.factoratt_crpe.crpe``)."""
-    state = {k: v.clone() for k, v in model.state_dict().items()}
+    """The official key layout, built from ours: the same names but the head's (``cls_head.cls.*``), plus every
+    block's copies of its path's shared position encodings (``MHCA_layers.L.cpe``, ``MHCA_layers.L.crpe``,
+    ``MHCA_layers.L.factoratt_crpe.crpe``)."""
+    state = {re.sub(r"^cls_head\.", "cls_head.cls.", k): v.clone() for k, v in model.state_dict().items()}
     copies = {}
     for key, value in state.items():
         path = key.split(".mhca_blks.")
@@ -137,7 +139,7 @@ def official_state_dict(model: MPViT) -> dict[str, torch.Tensor]:
                 copies[f"{encoder}.MHCA_layers.{layer}.{module}"] = value.clone()
                 if module.startswith("crpe."):
                     copies[f"{encoder}.MHCA_layers.{layer}.factoratt_crpe.{module}"] = value.clone()
-    assert all(shared_aliases(key) in state for key in copies)
+    assert all(official_key(key) in state for key in copies)
     return {**state, **copies}
 
 
