@@ -85,3 +85,31 @@ def test_mpvit_linear_probe_on_digits(tmp_path, checkpoint):
     record = only_record(store)
     assert (record.arch, record.method, record.protocol) == (NANO, "supervised", "linear")
     assert record.value > 30  # random-init MPViT features of 100 training digits; chance is 10%
+
+
+def test_the_classic_fpn_augmentations_and_full_model_gradient_clipping():
+    names = lambda augmentations: [type(a).__name__ for a in augmentations]  # noqa: E731
+    assert names(coco.train_augmentations(coco.PRESETS["embedded_cpu"])) == ["RandomFlip", "ResizeScale",
+                                                                              "FixedSizeCrop"]  # LSJ as before
+    assert names(coco.train_augmentations(coco.PRESETS["mpvit_maskrcnn_1x"])) == ["RandomFlip", "ResizeShortestEdge"]
+    flip, either = coco.train_augmentations(coco.PRESETS["mpvit_maskrcnn_3x_ms"])
+    assert names(either.first.augs) == ["ResizeShortestEdge", "RandomCrop", "ResizeShortestEdge"]
+    assert names(either.second.augs) == ["ResizeShortestEdge"]
+    np.random.seed(0)
+    shorter = set()
+    for _ in range(40):
+        aug_input = coco.T.AugInput(np.zeros((300, 450, 3), np.uint8))
+        either(aug_input)
+        height, width = aug_input.image.shape[:2]
+        shorter.add(min(height, width))
+        assert max(height, width) <= 1333
+    assert shorter <= set(range(480, 801, 32)) and len(shorter) > 3  # the multi-scale choices, after either branch
+
+    layer = torch.nn.Linear(4, 1, bias=False)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=1.0)
+    layer.weight.grad = torch.full_like(layer.weight, 3.0)  # norm 6
+    before = layer.weight.detach().clone()
+    coco.clip_gradients(optimizer, 1.0)
+    optimizer.step()
+    assert torch.linalg.norm(layer.weight.grad).item() == pytest.approx(1.0)
+    assert torch.linalg.norm(before - layer.weight.detach()).item() == pytest.approx(1.0)
