@@ -20,6 +20,7 @@ from mimbench.backbones.checkpoint import (
     save_backbone,
 )
 from mimbench.backbones.contract import FeatureLevel, backbone_contract
+from mimbench.backbones.layer_decay import layer_decay_param_groups
 from mimbench.backbones.mpvit import CRPE_WINDOWS, MPViT, official_key
 from mimbench.backbones.vit import backbone_archs, count_parameters, create_backbone
 
@@ -189,3 +190,18 @@ def test_official_copies_that_disagree_and_other_sizes_are_one_line(tmp_path):
         load_backbone(create_backbone("mpvit_tiny"), small)
     model, report = backbone_from_checkpoint(small)
     assert model.arch == NANO and report.metadata.method == "supervised"
+
+
+def test_layer_decay_groups_per_stage():
+    model = create_backbone("mpvit_tiny", num_classes=10)
+    groups = layer_decay_param_groups(model, backbone_contract(model), weight_decay=0.05, layer_decay=0.5)
+    scale_of = {name: group["lr_scale"] for group in groups for name in group["param_names"]}
+    decay_of = {name: group["weight_decay"] for group in groups for name in group["param_names"]}
+    assert scale_of["stem.0.conv.weight"] == 0.5 ** 5 and scale_of["cls_head.weight"] == 1.0
+    for stage in range(4):  # a stage's patch embeddings decay with its encoders
+        assert scale_of[f"patch_embed_stages.{stage}.patch_embeds.0.patch_conv.pwconv.weight"] == 0.5 ** (4 - stage)
+        assert scale_of[f"mhca_stages.{stage}.mhca_blks.0.MHCA_layers.0.factoratt_crpe.qkv.weight"] == \
+            0.5 ** (4 - stage)
+    assert sorted(set(scale_of.values())) == [0.5 ** k for k in range(5, -1, -1)]
+    assert decay_of["mhca_stages.1.aggregate.conv.weight"] == 0.05
+    assert decay_of["mhca_stages.1.aggregate.bn.weight"] == 0.0
