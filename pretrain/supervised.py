@@ -10,7 +10,8 @@ measured after every epoch. timm's augmentation (RandAugment, random erasing), M
 repeated augmentation (each image ``repeated_augmentation`` times per epoch, DeiT's RASampler, with one third
 of the images per epoch). The loop keeps the pretraining engine's guarantees: DDP, accumulation, bf16, exact
 resume (every random draw a function of the seed and the micro-batch or sample), TensorBoard, progress, cost.
-The headless backbone is exported with metadata ``method: supervised``.
+The headless backbone is exported with metadata ``method: supervised``, and the final val top-1 is appended to the
+results store (task classification, protocol supervised; dataset ``imagenet``, or ``digits-embedded``).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ from mimbench.backbones.contract import backbone_contract
 from mimbench.backbones.vit import backbone_archs, create_backbone
 from mimbench.core.config import Embedded, RunSpec, config_parser, exit_status, parse_config, to_dict
 from mimbench.core.errors import ConfigError, DatasetError, TrainingDiverged
-from mimbench.core.io import atomic_write, git_commit
+from mimbench.core.io import atomic_write, file_sha256, git_commit
+from mimbench.core.record import build_result
 from mimbench.core.rundir import start_run_on_rank0
 from mimbench.core.runtime import (
     autocast,
@@ -54,6 +56,7 @@ from mimbench.core.runtime import (
 )
 from mimbench.pretrain.data import IMAGENET_MEAN, IMAGENET_STD, ShardedSampler, sample_seed
 from mimbench.pretrain.engine import checkpoint_paths, micro_batch_seed
+from mimbench.results import append_result
 
 PROG = "pretrain/run.py --method supervised"
 # Drop path per arch: DeiT-B 0.1 (DeiT Table 9); MPViT T/XS 0.0 (main.py's default), S 0.05, B 0.3 (the
@@ -113,11 +116,14 @@ class SupervisedConfig:
 # ------------------------------------------------------------------------------------------------ data
 
 
+EMBEDDED_MARK, EMBEDDED_DATASET = "manifest.json", "digits-embedded"  # the set's name in the results store
+
+
 def write_embedded_digits(root: Path) -> Path:
     """scikit-learn's 1,797 digits (8 x 8, 10 classes) as PNGs in ImageNet's layout, a seeded 20% as val."""
     from sklearn.datasets import load_digits
 
-    if (root / "val").is_dir():
+    if (root / EMBEDDED_MARK).is_file():
         return root
     digits = load_digits()
     order = np.random.default_rng(0).permutation(len(digits.target))
@@ -126,6 +132,7 @@ def write_embedded_digits(root: Path) -> Path:
         folder = root / ("val" if index in val else "train") / str(label)
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray((image * 255 / 16).astype(np.uint8)).convert("RGB").save(folder / f"{index:04d}.png")
+    atomic_write(root / EMBEDDED_MARK, lambda tmp: tmp.write_text(json.dumps({"set": EMBEDDED_DATASET}) + "\n"))
     return root
 
 
@@ -199,6 +206,7 @@ class SupervisedTrainer:
         self.train_set = SeededLabelled(train, train_transform, run.seed, recipe.repeated_augmentation)
         self.val_set = SeededLabelled(val, create_transform(recipe.img_size, crop_pct=1.0, **normalise), run.seed)
         self.data_description = f"{root} ({len(train)} train / {len(val)} val images, {self.num_classes} classes)"
+        self.dataset_name = EMBEDDED_DATASET if (root / EMBEDDED_MARK).is_file() else "imagenet"
 
         torch.manual_seed(run.seed)
         self.model = create_backbone(recipe.arch, num_classes=self.num_classes,
@@ -256,6 +264,7 @@ class SupervisedTrainer:
     def train(self) -> Path:
         """Train to the recipe's epochs (resuming with ``run.resume``); returns the exported backbone's path."""
         holds_run = bool(checkpoint_paths(self.out)) or (self.out / "encoder.safetensors").exists()
+        self.started = time.perf_counter()
         lock = start_run_on_rank0(self.dist.world_size, self.dist.rank, self.out, to_dict(self.config),
                                   resume=self.config.run.resume, holds_run=holds_run, harmless=HARMLESS_ON_RESUME)
         try:
@@ -377,15 +386,22 @@ class SupervisedTrainer:
                                                                       "config": to_dict(self.config)})
         save_backbone(path, weights, metadata)
         atomic_write(self.out / "cost.json", lambda tmp: tmp.write_text(json.dumps(cost, indent=2) + "\n"))
+        run = self.config.run
+        result = build_result(task="classification", dataset=self.dataset_name, protocol="supervised", metric="top1",
+                              metrics={"top1": self.top1[-1]}, checkpoint=path, metadata=metadata,
+                              sha256=file_sha256(path), method="supervised", arch=self.config.recipe.arch,
+                              seed=run.seed, config=to_dict(self.config),
+                              started=self.started, device=self.device, dtype=self.dtype)
+        print(f"val top-1 {result.value:.2f} -> {append_result(result, run.results)}", flush=True)
         self.writer.close()
         print(f"encoder: {path}\ncost: {json.dumps(cost)}", flush=True)
         return path
 
 
 def parse_args(argv: list[str] | None = None) -> SupervisedConfig:
-    # ckpt, which and results are the evaluation runs' fields; --arch is both a run field and the recipe's.
+    # ckpt and which are the evaluation runs' fields; --arch is both a run field and the recipe's.
     parser = config_parser(SupervisedConfig, PROG, __doc__, PRESETS, EMBEDDED,
-                           skip={"ckpt", "which", "results", "arch"})
+                           skip={"ckpt", "which", "arch"})
     parser.add_argument("--arch", help="the backbone to train (default: the preset's)")
     config = parse_config(SupervisedConfig, argv, prog=PROG, presets=PRESETS, default_preset=DEFAULT_PRESET,
                           embedded=EMBEDDED, parser=parser)

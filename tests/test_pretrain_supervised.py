@@ -21,6 +21,7 @@ from mimbench.pretrain.supervised import (
     trivial_baseline,
     write_embedded_digits,
 )
+from mimbench.results import read_results
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -43,7 +44,8 @@ def small_digits(digits: Path, root: Path, per_class: int) -> Path:
 def config(root: Path, out: Path, **recipe) -> SupervisedConfig:
     base = SupervisedConfig()
     return dataclasses.replace(base, preset="embedded_cpu", run=dataclasses.replace(
-        base.run, data_root=str(root), out=str(out), device="cpu", precision="fp32"),
+        base.run, data_root=str(root), out=str(out), device="cpu", precision="fp32",
+        results=str(out.parent / "results.jsonl")),
         recipe=dataclasses.replace(PRESETS["embedded_cpu"], **recipe))
 
 
@@ -77,6 +79,10 @@ def test_loss_falls_and_top1_beats_the_trivial_baseline(digits, tmp_path):
     baseline = trivial_baseline(trainer.val_set)
     assert baseline < 12 and trainer.top1[-1] > 2 * baseline  # 10 classes: the largest is 11.7% of val
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.05
+    (record,), _ = read_results(tmp_path / "results.jsonl")
+    assert (record.task, record.dataset, record.protocol, record.method, record.arch) == (
+        "classification", "digits-embedded", "supervised", "supervised", "mpvit_nano_cpu")
+    assert record.value == trainer.top1[-1] and record.config["preset"] == "embedded_cpu"
     model, report = backbone_from_checkpoint(path)
     assert model.arch == "mpvit_nano_cpu" and report.metadata.method == "supervised"
     assert report.missing == [] and not any(k.startswith("cls_head") for k in report.loaded)
