@@ -45,6 +45,8 @@ import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
+from mimbench.backbones.mpvit import MPViT, official_key
+from mimbench.backbones.registry import HIERARCHICAL_ARCHS
 from mimbench.backbones.vit import ARCHS, backbone_archs, create_backbone
 from mimbench.core.errors import UserError
 from mimbench.core.io import atomic_write
@@ -66,8 +68,9 @@ SAFE_GLOBALS: list[Any] = [
 # Top-level names of an encoder's state dict in timm's layout; anything else beside them is not encoder.
 ENCODER_ROOTS = ("cls_token", "reg_token", "dist_token", "pos_embed", "patch_embed", "norm_pre", "blocks", "norm",
                  "fc_norm", "head")
-# Classification heads, which a backbone checkpoint need not hold: a ViT's head and pooled norm, a ResNet's fc.
-HEAD_ROOTS = ("head", "fc_norm", "fc")
+# Classification heads, which a backbone checkpoint need not hold: a ViT's head and pooled norm, a ResNet's fc,
+# an MPViT's cls_head.
+HEAD_ROOTS = ("head", "fc_norm", "fc", "cls_head")
 
 
 class CheckpointError(UserError, ValueError):
@@ -405,6 +408,20 @@ def _infer_shape_summary(encoder: Mapping[str, torch.Tensor]) -> str:
     return f"embed_dim {width}, depth {depth}, patch {patch}"
 
 
+def _from_official_mpvit(encoder: dict[str, torch.Tensor], path: Path) -> list[str]:
+    """Rename the official MPViT keys that differ from ours (:func:`~mimbench.backbones.mpvit.official_key`): a
+    block's copy of its path's shared position encoding must equal the shared tensor. Returns the keys renamed."""
+    copies = [key for key in encoder if official_key(key) is not None]
+    for key in copies:
+        shared = official_key(key)
+        value = encoder.pop(key)
+        if shared not in encoder:
+            encoder[shared] = value
+        elif not torch.equal(encoder[shared], value):
+            raise CheckpointError(path, f"{key} should repeat the shared {shared} but differs from it")
+    return copies
+
+
 def load_backbone(
     model: nn.Module, path: str | os.PathLike, which: str = "teacher", strict: bool = True
 ) -> LoadReport:
@@ -418,7 +435,11 @@ def load_backbone(
     obj, metadata = read_checkpoint(path)
     expected = model.state_dict()
     vit = isinstance(model, VisionTransformer)
+    if isinstance(model, MPViT) and isinstance(obj, Mapping) and {"model", "model_ema"} <= obj.keys():
+        which = "student"  # the official release's reported accuracy is its "model"; "model_ema" is a side EMA
     encoder, source, set_aside = encoder_state_dict(obj, path, which, model_keys=None if vit else set(expected))
+    if isinstance(model, MPViT) and _from_official_mpvit(encoder, path):
+        source += ", official MPViT layout"
     if metadata is not None:
         source = f"{FORMAT_TAG} {metadata.method} checkpoint"
     resized = _fit_pos_embed(encoder, model, path) if vit else {}
@@ -461,12 +482,34 @@ def infer_arch(path: str | os.PathLike, which: str = "teacher") -> str:
     obj, metadata = read_checkpoint(path)
     if metadata is not None and metadata.arch in backbone_archs():
         return metadata.arch
-    encoder, _, _ = encoder_state_dict(obj, path, which)
+    try:
+        encoder, _, _ = encoder_state_dict(obj, path, which)
+    except CheckpointError:  # no ViT in it: a hierarchical backbone, told by its shapes
+        hierarchical = _hierarchical_arch_by_shapes(obj, path, which)
+        if hierarchical is None:
+            raise CheckpointError(path, "matches no known architecture (neither a ViT nor the shapes of a "
+                                        f"registered backbone: {', '.join(HIERARCHICAL_ARCHS)}); "
+                                        "pass the arch explicitly") from None
+        return hierarchical
     summary = _infer_shape_summary(encoder)
     for name, spec in ARCHS.items():
         if summary == f"embed_dim {spec['embed_dim']}, depth {spec['depth']}, patch {spec['patch_size']}":
             return name
     raise CheckpointError(path, f"matches no known architecture ({summary}); pass the arch explicitly")
+
+
+def _hierarchical_arch_by_shapes(obj: Any, path: Path, which: str) -> str | None:
+    """The registered hierarchical backbone whose every non-head tensor the file holds with the same shape."""
+    for name in HIERARCHICAL_ARCHS:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in create_backbone(name).state_dict().items()}
+        try:
+            encoder, _, _ = encoder_state_dict(obj, path, which, model_keys=set(expected))
+        except CheckpointError:
+            continue
+        if all(key in encoder and tuple(encoder[key].shape) == shape for key, shape in expected.items()):
+            return name
+    return None
 
 
 # ------------------------------------------------------------------------------------ full pretraining checkpoints

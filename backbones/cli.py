@@ -28,11 +28,12 @@ from mimbench.backbones.vit import ARCHS, backbone_archs, count_parameters, crea
 from mimbench.core.io import git_commit
 
 
-def forward_gflops(arch: str) -> tuple[int, float]:
-    """Parameters and forward GFLOPs of one image, counting a multiply-add as one FLOP (as ViT papers do)."""
+def forward_gflops(arch: str, num_classes: int = 0) -> tuple[int, float]:
+    """Parameters and forward GFLOPs of one image, counting a multiply-add as one FLOP (as ViT papers do); a
+    hierarchical backbone at 224²."""
     with torch.device("meta"):
-        model = create_backbone(arch)
-        size = ARCHS[arch]["img_size"]
+        model = create_backbone(arch, num_classes=num_classes)
+        size = ARCHS[arch]["img_size"] if arch in ARCHS else 224
         with FlopCounterMode(display=False) as counter:
             model(torch.empty(1, 3, size, size))
     return count_parameters(model), counter.get_total_flops() / 2 / 1e9

@@ -123,7 +123,10 @@ class ViTContract(ViTLayers, BackboneContract):
 
 class HierarchicalContract(BackboneContract):
     """A backbone with timm's ``feature_info`` (ResNet, ConvNeXt, MPViT, ...): its stages at strides 4-32, a layer id
-    per stage (the stem 0, stage k k+1, anything after the last stage ``num_layers + 1``)."""
+    per stage (the stem 0, stage k k+1, anything after the last stage ``num_layers + 1``).
+
+    A level's ``module`` names its stage; a level may also carry ``modules``, every module of that stage, where a
+    stage is registered in parts (MPViT's ``patch_embed_stages.k`` and ``mhca_stages.k``)."""
 
     kind = "hierarchical"
 
@@ -132,11 +135,12 @@ class HierarchicalContract(BackboneContract):
         info = [level for level in model.feature_info if level["reduction"] >= 4]
         self.levels = info[-4:]
         self.num_layers = len(self.levels)
-        self._stage_modules = [level["module"] for level in self.levels]
+        self._stage_modules = [tuple(level.get("modules", (level["module"],))) for level in self.levels]
         # Backbone parameters outside the stages, by registration order: before the last stage's end the stem
         # (layer 0), after it a head or final norm (num_layers + 1). Stage parameters are matched first.
         names = [name for name, _ in model.named_parameters()]
-        last_stage_end = max(i for i, name in enumerate(names) if name.startswith(self._stage_modules[-1] + "."))
+        last_stage_end = max(i for i, name in enumerate(names)
+                             if any(name.startswith(module + ".") for module in self._stage_modules[-1]))
         self._outside_stages = {name: 0 if i < last_stage_end else self.num_layers + 1 for i, name in enumerate(names)}
 
     @property
@@ -149,8 +153,8 @@ class HierarchicalContract(BackboneContract):
         return self.model.forward_intermediates(images, indices=indices, intermediates_only=True)
 
     def layer_id(self, param_name: str) -> int:
-        for stage, module in enumerate(self._stage_modules):
-            if re.search(rf"(?:^|\.){re.escape(module)}\.", param_name):
+        for stage, modules in enumerate(self._stage_modules):
+            if any(re.search(rf"(?:^|\.){re.escape(module)}\.", param_name) for module in modules):
                 return stage + 1
         # The longest dotted suffix that names a backbone parameter (the name may be wrapped by an adapter).
         suffixes = (param_name[m.end():] for m in re.finditer(r"(?:^|\.)", param_name))

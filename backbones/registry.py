@@ -14,6 +14,9 @@ from functools import partial
 import timm
 import torch.nn as nn
 
+from mimbench.backbones.mpvit import SIZES as MPVIT_SIZES
+from mimbench.backbones.mpvit import mpvit_builder
+
 
 def timm_model(name: str) -> Callable[..., nn.Module]:
     """A builder for timm's ``name``, randomly initialised (weights come from our checkpoints, not timm's hub)."""
@@ -24,4 +27,6 @@ HIERARCHICAL_ARCHS: dict[str, Callable[..., nn.Module]] = {
     # The hierarchical test backbone of every task family (He et al., CVPR 2016): four stages at strides 4-32,
     # 11,176,512 parameters headless. Fully convolutional, so any input size works (64² gives 16², 8², 4², 2² maps).
     "resnet18": timm_model("resnet18"),
+    # MPViT (Lee et al., CVPR 2022): T/XS/S/B as published, and a CPU-sized one (backbones/mpvit.py).
+    **{name: mpvit_builder(name) for name in MPVIT_SIZES},
 }

@@ -1,4 +1,4 @@
-"""Pretrain a ViT with MAE, RC-MAE or MixedAE.
+"""Pretrain a ViT with MAE, RC-MAE or MixedAE, or any backbone with labels (``--method supervised``).
 
     python pretrain/run.py --method mixedae --data-root /imagenet/train --out runs/mixedae300   # the paper's recipe
     torchrun --nproc_per_node 8 pretrain/run.py --method mae --data-root /imagenet/train --out runs/mae300
@@ -41,7 +41,7 @@ def chosen_method(argv: list[str] | None) -> str:
     """--method, else the method of a release's --preset, else the replayed config's, else the default: it decides
     which option flags exist."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--method", choices=list(METHODS))
+    pre.add_argument("--method", choices=[*METHODS, "supervised"])
     pre.add_argument("--config")
     pre.add_argument("--preset", choices=list(PRESETS))
     known = pre.parse_known_args(argv)[0]
@@ -81,12 +81,20 @@ def print_config(config: PretrainConfig) -> None:
                          width=120), end="")
 
 
+def train(argv: list[str] | None) -> object:
+    if chosen_method(argv) == "supervised":  # labels, not reconstruction: its own loop (pretrain/supervised.py)
+        from mimbench.pretrain import supervised
+
+        return supervised.SupervisedTrainer(supervised.parse_args(argv)).train()
+    return Trainer(parse_args(argv)).train()
+
+
 def main(argv: list[str] | None = None) -> int:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--print-config", action="store_true")
     if pre.parse_known_args(argv)[0].print_config:
         return exit_status(lambda: print_config(parse_args(argv)))
-    return exit_status(lambda: Trainer(parse_args(argv)).train())
+    return exit_status(lambda: train(argv))
 
 
 if __name__ == "__main__":

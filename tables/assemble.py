@@ -14,7 +14,7 @@ import pandas as pd
 from mimbench.results import Result
 from mimbench.tables import layout
 from mimbench.tables.layout import AVERAGE, CAPTIONS, LABELS, NOTES, Column
-from mimbench.tables.rows import REFERENCE_DIR, Row, other_rows, our_rows, paper_rows, with_deltas
+from mimbench.tables.rows import REFERENCE_DIR, Row, mpvit_rows, other_rows, our_rows, paper_rows, with_deltas
 
 
 @dataclass
@@ -70,10 +70,19 @@ def _table(name: str, caption: str, rows: list[Row], labels: Sequence[str], colu
                  list(blocks), _deltas(rows, columns), notes)
 
 
+def _reference_table(name: str, rows: list[Row], columns: Sequence[Column], note: str) -> Table:
+    """A table of its own paper's rows (and ours where they fit): no deltas, no blocks but the source."""
+    table = _table(name, CAPTIONS[name], rows, LABELS[name], columns, [], ["Source"])
+    table.notes = [NOTES["seeds"]] + [NOTES[note]] * any(r.source == layout.PAPER for r in rows)
+    return table
+
+
 def build_tables(records: Iterable[Result], *, reference: bool = True,
                  transfer_protocol: str = layout.TRANSFER_PROTOCOL,
                  reference_dir: Path = REFERENCE_DIR) -> list[Table]:
-    """Main, transfer, one per ablation, then "other results" (always there, maybe empty)."""
+    """Main, transfer, one per ablation, MPViT and RC-MAE (where they have rows), then "other results" (always
+    there, maybe empty)."""
+    records = list(records)
     transfer = layout.transfer_columns(transfer_protocol)
     ours, unplaced = our_rows(records, {"main": layout.MAIN_COLUMNS, "transfer": transfer})
     paper = paper_rows(reference_dir) if reference else {}
@@ -89,12 +98,17 @@ def build_tables(records: Iterable[Result], *, reference: bool = True,
                LABELS["transfer"], [*transfer, AVERAGE], [AVERAGE.key], ["Source", "Group"]),
     ]
     pool = [*layout.MAIN_COLUMNS, *transfer]
-    for name in sorted({*paper, *ours} - {"main", "transfer"}):
+    for name in sorted({*paper, *ours} - {"main", "transfer", "mpvit", "rcmae"}):
         ablation_rows = rows(name)
         present = [c for c in pool if any(c.key in r.cells for r in ablation_rows)]
         ablation = name.removeprefix("ablation_")
         tables.append(_table(name, CAPTIONS["ablation"].format(name=ablation), ablation_rows,
                              LABELS["ablation"], present, [], ["Source"]))
+    mpvit = paper.get("mpvit", []) + mpvit_rows(records)
+    if mpvit:
+        tables.append(_reference_table("mpvit", mpvit, layout.MPVIT_COLUMNS, "mpvit_paper"))
+    if paper.get("rcmae"):
+        tables.append(_reference_table("rcmae", paper["rcmae"], layout.RCMAE_COLUMNS, "rcmae_paper"))
     tables.append(Table("other", CAPTIONS["other"], other_rows(unplaced).astype(object),
                         [Column("value", "Value", "Value", "", "")]))
     return tables

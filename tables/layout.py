@@ -22,12 +22,15 @@ class Column:
     dataset: str
     metric: str | None = None  # None: the record's headline value (each transfer dataset has its own metric)
     protocol: str | None = None  # None: any protocol
+    preset: str | None = None  # None: any recipe; else only records whose run used this preset (COCO 1x vs 3x)
 
     def value_of(self, record: Result) -> float | None:
         """This column's number in ``record``, or None where the record does not belong here."""
         if (record.task, record.dataset) != (self.task, self.dataset):
             return None
         if self.protocol is not None and record.protocol != self.protocol:
+            return None
+        if self.preset is not None and record.config.get("preset") != self.preset:
             return None
         if self.metric is None:
             return float(record.value)
@@ -69,8 +72,36 @@ def transfer_columns(protocol: str = TRANSFER_PROTOCOL) -> tuple[Column, ...]:
                  for name, header in TRANSFER_DATASETS)
 
 
+# The MPViT paper's table (Lee et al., CVPR 2022, Tables 2-4): supervised ImageNet-1K top-1 at 224², Mask R-CNN
+# 1x and 3x multi-scale box/mask AP, UperNet 160k mIoU; params and GFLOPs per size.
+MPVIT_COLUMNS: tuple[Column, ...] = (
+    Column("params_m", "Params (M)", "Params (M)", "", ""),  # from the arch, not from a record
+    Column("gflops_224", "GFLOPs", "GFLOPs", "", ""),
+    Column("imagenet_top1", "ImageNet top-1", "ImageNet top-1", "classification", "imagenet", "top1"),
+    Column("coco_maskrcnn_1x_ap_bb", "COCO 1x AP^bb", "1$\\times$ AP$^{bb}$", "detection", "coco", "AP_bbox",
+           preset="mpvit_maskrcnn_1x"),
+    Column("coco_maskrcnn_1x_ap_mk", "COCO 1x AP^mk", "1$\\times$ AP$^{mk}$", "detection", "coco", "AP_segm",
+           preset="mpvit_maskrcnn_1x"),
+    Column("coco_maskrcnn_3xms_ap_bb", "COCO 3x AP^bb", "3$\\times$ AP$^{bb}$", "detection", "coco", "AP_bbox",
+           preset="mpvit_maskrcnn_3x_ms"),
+    Column("coco_maskrcnn_3xms_ap_mk", "COCO 3x AP^mk", "3$\\times$ AP$^{mk}$", "detection", "coco", "AP_segm",
+           preset="mpvit_maskrcnn_3x_ms"),
+    Column("ade20k_upernet_160k_miou", "ADE20K mIoU", "ADE20K mIoU", "segmentation", "ade20k", "mIoU",
+           preset="mpvit_upernet_160k"),
+)
+# The RC-MAE paper's numbers (Lee et al., ICLR 2023) where our columns fit; its COCO is Mask R-CNN + FPN with a
+# ViT (Li et al. 2021), not ViTDet, so it has a table of its own.
+RCMAE_COLUMNS: tuple[Column, ...] = (
+    Column("imagenet_top1_finetune", "ImageNet top-1 (fine-tune)", "IN-1K FT", "classification", "imagenet", "top1",
+           "finetune"),
+    Column("imagenet_top1_linear", "ImageNet top-1 (linear)", "IN-1K lin.", "classification", "imagenet", "top1",
+           "linear"),
+    Column("coco_ap_bb", "COCO AP^bb (Mask R-CNN FPN)", "AP$^{bb}$", "detection", "coco", "AP_bbox"),
+    Column("coco_ap_mk", "COCO AP^mk (Mask R-CNN FPN)", "AP$^{mk}$", "detection", "coco", "AP_segm"),
+)
+
 METHOD_NAMES = {"mae": "MAE", "rcmae": "RC-MAE", "rc-mae": "RC-MAE", "mixedae": "MixedAE",
-                "mixedae-full": "MixedAE-Full", "mixedae-full*": "MixedAE-Full*"}
+                "mixedae-full": "MixedAE-Full", "mixedae-full*": "MixedAE-Full*", "supervised": "Supervised"}
 BASELINE = "MAE"  # deltas are against this method's row of the same pretraining epochs and arch
 # The paper prints deltas only on its own rows; its reference rows keep exactly that (ours get one per row).
 PAPER_DELTA_METHODS = ("MixedAE", "MixedAE-Full*", "MixedAE-Full")
@@ -85,6 +116,8 @@ LABELS = {
     "main": ("Source", "Method", "Arch", "Pre-train epochs", "Pre-train GPU-days"),
     "transfer": ("Source", "Group", "Method", "Arch", "Pre-train epochs"),
     "ablation": ("Source", "Variant", "Method", "Arch", "Pre-train epochs"),
+    "mpvit": ("Source", "Method", "Arch"),
+    "rcmae": ("Source", "Method", "Arch", "Pre-train epochs"),
 }
 CAPTIONS = {
     "main": ("ImageNet-1K fine-tuning top-1, ADE20K UperNet mIoU, COCO Mask R-CNN box and mask AP. "
@@ -93,10 +126,17 @@ CAPTIONS = {
                  "(+x) its difference to the MAE row of the same pre-training epochs and arch."),
     "ablation": "Ablation '{name}': one row per variant.",
     "other": "Other results: records that belong to none of the tables above.",
+    "mpvit": ("MPViT: ImageNet-1K top-1 (supervised, 224²), COCO Mask R-CNN 1x and 3x multi-scale box/mask AP, "
+              "ADE20K UperNet 160k mIoU, parameters (1000-class head) and GFLOPs at 224² per size."),
+    "rcmae": ("RC-MAE's reference numbers: ImageNet-1K fine-tuning and linear top-1; COCO box/mask AP of Mask "
+              "R-CNN + FPN on a ViT (Li et al. 2021), not the main table's ViTDet."),
 }
 NOTES = {
     "seeds": "a ± s [n=k]: mean and standard deviation over k seeds; -: not measured.",
     "paper": ("paper: reference rows transcribed from the poster of Chen et al., Mixed Autoencoder for "
               "Self-supervised Visual Representation Learning, CVPR 2023."),
     "effective": EFFECTIVE_EPOCHS + ": effective epochs of multi-crop methods, as the paper reports them.",
+    "mpvit_paper": "paper: Lee et al., MPViT: Multi-Path Vision Transformer for Dense Prediction, CVPR 2022.",
+    "rcmae_paper": ("paper: Lee et al., Exploring the Role of Mean Teachers in Self-supervised Masked "
+                    "Auto-Encoders, ICLR 2023 (its MAE rows are the authors' reproduction)."),
 }

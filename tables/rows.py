@@ -149,11 +149,19 @@ def paper_rows(reference_dir: Path = REFERENCE_DIR) -> dict[str, list[Row]]:
     """The paper's rows per table, in the paper's order, from the CSVs transcribed from its poster (the
     transfer CSV names no arch: its rows mix ResNets and ViTs)."""
     rows: dict[str, list[Row]] = defaultdict(list)
-    keys = [c.key for c in layout.MAIN_COLUMNS] + [c.key for c in layout.transfer_columns()] + [AVERAGE.key]
+    keys = [c.key for c in (*layout.MAIN_COLUMNS, *layout.transfer_columns(), AVERAGE, *layout.MPVIT_COLUMNS,
+                            *layout.RCMAE_COLUMNS)]
     for path in sorted(reference_dir.glob("*.csv")):
         kind = path.stem.rsplit("_", 1)[-1]  # <paper>_main.csv, <paper>_transfer.csv, <paper>_ablations.csv
         for record in pd.read_csv(path).to_dict("records"):
             cells = {k: Cell(float(record[k])) for k in keys if k in record and pd.notna(record[k])}
+            if kind == "mpvit":  # one row per size, trained with labels (DeiT's recipe) for 300 epochs
+                rows["mpvit"].append(Row(layout.PAPER, "Supervised", 300, record["model"], cells=cells))
+                continue
+            if kind == "rcmae":
+                rows["rcmae"].append(Row(layout.PAPER, record["method"], int(record["pretrain_epochs"]),
+                                         record["arch"], cells=cells))
+                continue
             epochs = int(record["epochs"]) if pd.notna(record.get("epochs", math.nan)) else None
             row = Row(layout.PAPER, record["method"], epochs, None, cells=cells)
             if kind == "transfer":
@@ -166,6 +174,26 @@ def paper_rows(reference_dir: Path = REFERENCE_DIR) -> dict[str, list[Row]]:
                 rows["main"].append(replace(row, arch=layout.PAPER_ARCH, gpu_days=float(record["gpu_days"]),
                                             epochs_note=note))
     return dict(rows)
+
+
+def mpvit_rows(records: Iterable[Result]) -> list[Row]:
+    """Our rows of the MPViT table: every MPViT record's cells there, with the size's params and GFLOPs."""
+    from mimbench.backbones.cli import forward_gflops
+    from mimbench.backbones.mpvit import SIZES
+
+    values: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for record in records:
+        if record.arch in SIZES:
+            for column in layout.MPVIT_COLUMNS:
+                if (value := column.value_of(record)) is not None:
+                    values[setting_of(record)][column.key].append(value)
+    rows = []
+    for (method, epochs, arch, tags), by_key in values.items():
+        params, gflops = forward_gflops(arch, num_classes=1000)  # as the paper counts them
+        cells = {"params_m": Cell(params / 1e6), "gflops_224": Cell(gflops),
+                 **{key: Cell.of(found) for key, found in by_key.items()}}
+        rows.append(Row(layout.OURS, method, epochs, arch, tags, cells=cells))
+    return sorted(rows, key=_our_order)
 
 
 def other_rows(records: Iterable[Result]) -> pd.DataFrame:

@@ -152,8 +152,18 @@ UPERNET_VITB_160K = SegmentationPreset(
     num_workers=4,  # ade20k.py: num_workers=4
 )
 
+# MPViT's UperNet (Lee et al., CVPR 2022, Sec. 4.3; the official semantic_segmentation/configs/mpvit/upernet/
+# upernet_mpvit_small_160k_ade20k.py and _base_/models/upernet_mpvit.py): AdamW lr 6e-5, betas (0.9, 0.999),
+# wd 0.01, linear warmup 1500 iterations then poly, 160k iterations at 8 GPUs x 2, UPerHead channels 512, the
+# auxiliary FCN head on level 3 (in_index 2), whole-image test, no layer decay, no fp16. Drop path is per size
+# (S 0.2, B 0.4): S here, --drop-path-rate for B.
+MPVIT_UPERNET_160K = dataclasses.replace(
+    UPERNET_VITB_160K, lr=6e-5, weight_decay=0.01, layer_decay=1.0, drop_path_rate=0.2, head_channels=512,
+    fp16_without_bf16=False, test_mode="whole")
+
 PRESETS: dict[str, SegmentationPreset] = {
     "upernet_vitb_160k": UPERNET_VITB_160K,
+    "mpvit_upernet_160k": MPVIT_UPERNET_160K,
     # The embedded scenes on a CPU (see README): 64² images (16×16 tokens for the demo's patch-4 ViTs, as the
     # COCO preset), whole-image inference, a narrow head, 100 iterations of 4 images, no validation during
     # training, no worker processes, the pretrained ViT as it is (no relative position bias, no layer scale).

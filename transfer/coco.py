@@ -128,6 +128,13 @@ class DetectionPreset:
     checkpoint_period: int
     eval_period: int  # 0: evaluate once, at the end
     log_period: int  # iterations between logged losses (metrics.json, loss_curve.json, TensorBoard)
+    # The classic FPN protocol (MPViT's) instead of large-scale jitter: "resize" picks the shortest side from
+    # min_sizes (at most max_size long); "detr" does that, or (half the time) DETR's resize-crop-resize first.
+    augmentation: str = "lsj"  # "lsj" | "resize" | "detr"
+    min_sizes: tuple[int, ...] = ()  # resize/detr: shortest-side choices in training (test: image_size)
+    max_size: int = 1333  # resize/detr: the longest side, in training and test
+    detr_crop: tuple[int, int] = (384, 600)  # detr: the absolute-range crop after a resize to 400/500/600
+    clip_grad: float = 0.0  # the whole model's gradient L2 norm is clipped to this (0: no clipping)
 
 
 # ViTDet's ViT-B Mask R-CNN, 100 epochs at batch 64: Detectron2's projects/ViTDet/configs/COCO/
@@ -165,7 +172,24 @@ EMBEDDED_CPU = dataclasses.replace(
     anchor_sizes=(16, 32, 64), rois_per_image=32, head_channels=64, box_head_convs=0, box_head_fcs=(256, 256),
     proposals=(200, 100), detections_per_image=20, checkpoint_period=100, log_period=5)
 
-PRESETS: dict[str, DetectionPreset] = {"vitdet_b_100ep": VITDET_B_100EP, "embedded_cpu": EMBEDDED_CPU}
+# MPViT's Mask R-CNN (Lee et al., CVPR 2022, Sec. 4.2 and the official detectron2/configs/Base-RCNN-FPN.yaml,
+# maskrcnn/mask_rcnn_mpvit_small_1x.yaml and _ms_3x.yaml): AdamW lr 1e-4, wd 0.05, batch 16, 90k iterations with
+# steps at 60k/80k, 1000 warmup iterations, full-model gradient clipping at 1.0, single scale 800 (max 1333), the
+# standard FPN heads (2-fc box head, no norm in the heads' convs is Detectron2's; ours keep the base's), no layer
+# decay. Drop path is per size (T/XS 0.1, S 0.2, B 0.4): S here, --drop-path for the others.
+MPVIT_MASKRCNN_1X = dataclasses.replace(
+    VITDET_B_100EP, image_size=800, total_batch_size=16, iterations=90_000, lr=1e-4, weight_decay=0.05,
+    layer_decay=1.0, drop_path=0.2, warmup_iters=1000, lr_steps=(60_000, 80_000), box_head_convs=0,
+    box_head_fcs=(1024, 1024), checkpoint_period=10_000, augmentation="resize", min_sizes=(800,), max_size=1333,
+    clip_grad=1.0)
+# 3x multi-scale: 270k iterations, steps at 210k/250k, shortest side 480-800 in steps of 32 with DETR's crop.
+MPVIT_MASKRCNN_3X_MS = dataclasses.replace(
+    MPVIT_MASKRCNN_1X, iterations=270_000, lr_steps=(210_000, 250_000), augmentation="detr",
+    min_sizes=tuple(range(480, 801, 32)))
+
+PRESETS: dict[str, DetectionPreset] = {"vitdet_b_100ep": VITDET_B_100EP, "embedded_cpu": EMBEDDED_CPU,
+                                       "mpvit_maskrcnn_1x": MPVIT_MASKRCNN_1X,
+                                       "mpvit_maskrcnn_3x_ms": MPVIT_MASKRCNN_3X_MS}
 
 # --embedded: the generated COCO-format set (written once, at the embedded preset's image size).
 EMBEDDED = Embedded(root="runs/datasets/coco-embedded", preset="embedded_cpu",
@@ -367,6 +391,18 @@ class CPUAutocastTrainer(SimpleTrainer):
             super().run_step()
 
 
+def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float) -> None:
+    """Clip the L2 norm of every gradient the optimizer steps to ``max_norm`` before each step (Detectron2's
+    CLIP_TYPE full_model); under a grad scaler the step sees unscaled gradients."""
+    step = optimizer.step
+
+    def clipped_step(*args, **kwargs):
+        torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], max_norm)
+        return step(*args, **kwargs)
+
+    optimizer.step = clipped_step
+
+
 def trainer_for(model: nn.Module, loader, optimizer: torch.optim.Optimizer, device: torch.device,
                 dtype: torch.dtype | None) -> SimpleTrainer:
     """The trainer of the run's precision: Detectron2's AMP on CUDA, autocast on a CPU, else plain fp32."""
@@ -421,23 +457,47 @@ def mask_format(dataset: list[dict]) -> str:
     return "bitmask" if rle else "polygon"
 
 
+class EitherOf(T.Augmentation):
+    """One of two augmentation lists, the first with probability ``prob`` (DETR's crop, half the time)."""
+
+    def __init__(self, first: list, second: list, prob: float = 0.5) -> None:
+        super().__init__()
+        self.first, self.second, self.prob = T.AugmentationList(first), T.AugmentationList(second), prob
+
+    def __call__(self, aug_input):
+        return (self.first if np.random.rand() < self.prob else self.second)(aug_input)
+
+
+def train_augmentations(recipe: DetectionPreset) -> list:
+    """Large-scale jitter (ViTDet): flip, resize by the recipe's range of the target size, crop a fixed window;
+    or the classic FPN resize (with DETR's crop half the time)."""
+    flip = T.RandomFlip(horizontal=True)
+    if recipe.augmentation == "lsj":
+        return [flip, T.ResizeScale(*recipe.lsj_scale, target_height=recipe.image_size, target_width=recipe.image_size),
+                T.FixedSizeCrop(crop_size=(recipe.image_size, recipe.image_size), pad=False)]
+    resize = T.ResizeShortestEdge(recipe.min_sizes, recipe.max_size, sample_style="choice")
+    if recipe.augmentation == "resize":
+        return [flip, resize]
+    if recipe.augmentation == "detr":
+        crop = [T.ResizeShortestEdge([400, 500, 600], sample_style="choice"),
+                T.RandomCrop("absolute_range", recipe.detr_crop)]
+        return [flip, EitherOf([*crop, resize], [resize])]
+    raise ConfigError(f"--augmentation {recipe.augmentation!r}: choose lsj, resize or detr")
+
+
 def train_loader(name: str, recipe: DetectionPreset, batch_size: int, num_workers: int, seed: int):
-    """Large-scale jitter (ViTDet): flip, resize by the recipe's range of the target size, crop a fixed window."""
     dataset = get_detection_dataset_dicts(name)
     mapper = DatasetMapper(
         is_train=True, image_format="RGB", use_instance_mask=True, instance_mask_format=mask_format(dataset),
-        recompute_boxes=True,
-        augmentations=[T.RandomFlip(horizontal=True),
-                       T.ResizeScale(*recipe.lsj_scale, target_height=recipe.image_size,
-                                     target_width=recipe.image_size),
-                       T.FixedSizeCrop(crop_size=(recipe.image_size, recipe.image_size), pad=False)])
+        recompute_boxes=True, augmentations=train_augmentations(recipe))
     return build_detection_train_loader(dataset=dataset, mapper=mapper, total_batch_size=batch_size,
                                         num_workers=num_workers, sampler=TrainingSampler(len(dataset), seed=seed))
 
 
 def test_loader(name: str, recipe: DetectionPreset, num_workers: int):
     mapper = DatasetMapper(is_train=False, image_format="RGB",
-                           augmentations=[T.ResizeShortestEdge(recipe.image_size, max_size=recipe.image_size)])
+                           augmentations=[T.ResizeShortestEdge(recipe.image_size, max_size=recipe.image_size
+                                                               if recipe.augmentation == "lsj" else recipe.max_size)])
     return build_detection_test_loader(dataset=get_detection_dataset_dicts(name, filter_empty=False),
                                        mapper=mapper, num_workers=num_workers)
 
@@ -572,6 +632,8 @@ def train(model: nn.Module, config: CocoConfig, recipe: DetectionPreset, train_n
     """Detectron2's trainer and hooks; resumes from the run directory's last checkpoint with --resume."""
     out, world_size = Path(config.run.out), comm.get_world_size()
     optimizer = optimizer_for(getattr(model, "module", model), config.run.arch, recipe, recipe.lr)
+    if recipe.clip_grad > 0:
+        clip_gradients(optimizer, recipe.clip_grad)
     loader = train_loader(train_name, recipe, recipe.total_batch_size, config.num_workers, config.run.seed)
     trainer = trainer_for(model, loader, optimizer, device, dtype)
     steps = [1.0 * 0.1 ** i for i in range(len(recipe.lr_steps) + 1)]

@@ -1,0 +1,123 @@
+"""Supervised pretraining (pretrain/supervised.py) on the embedded digits: the loss falls, val top-1 beats the
+trivial baseline, a run stopped mid-epoch resumes exactly, the export is a headless backbone marked supervised."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from mimbench.backbones.checkpoint import backbone_from_checkpoint
+from mimbench.pretrain import run as pretrain_run
+from mimbench.pretrain.supervised import (
+    DROP_PATH,
+    PRESETS,
+    SupervisedConfig,
+    SupervisedTrainer,
+    parse_args,
+    trivial_baseline,
+    write_embedded_digits,
+)
+from mimbench.results import read_results
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    return write_embedded_digits(tmp_path_factory.mktemp("digits") / "set")
+
+
+def small_digits(digits: Path, root: Path, per_class: int) -> Path:
+    """The first ``per_class`` training images of each digit (val kept whole)."""
+    shutil.copytree(digits / "val", root / "val")
+    for folder in sorted((digits / "train").iterdir()):
+        (root / "train" / folder.name).mkdir(parents=True)
+        for image in sorted(folder.iterdir())[:per_class]:
+            shutil.copy(image, root / "train" / folder.name / image.name)
+    return root
+
+
+def config(root: Path, out: Path, **recipe) -> SupervisedConfig:
+    base = SupervisedConfig()
+    return dataclasses.replace(base, preset="embedded_cpu", run=dataclasses.replace(
+        base.run, data_root=str(root), out=str(out), device="cpu", precision="fp32",
+        results=str(out.parent / "results.jsonl")),
+        recipe=dataclasses.replace(PRESETS["embedded_cpu"], **recipe))
+
+
+class Stop(Exception):
+    pass
+
+
+def test_the_recipe_is_deits_and_drop_path_is_per_arch(digits):
+    parsed = parse_args(["--data-root", str(digits), "--arch", "mpvit_small"])
+    recipe = parsed.recipe
+    assert (recipe.epochs, recipe.warmup_epochs, recipe.base_lr, recipe.weight_decay) == (300, 5, 5e-4, 0.05)
+    assert (recipe.label_smoothing, recipe.mixup, recipe.cutmix, recipe.random_erasing) == (0.1, 0.8, 1.0, 0.25)
+    assert recipe.auto_augment == "rand-m9-mstd0.5-inc1" and recipe.repeated_augmentation == 3
+    assert recipe.arch == "mpvit_small" and recipe.drop_path_rate == DROP_PATH["mpvit_small"] == 0.05
+    assert parse_args(["--data-root", str(digits), "--arch", "mpvit_base"]).recipe.drop_path_rate == 0.3
+
+
+@pytest.mark.slow
+def test_loss_falls_and_top1_beats_the_trivial_baseline(digits, tmp_path):
+    trainer = SupervisedTrainer(config(digits, tmp_path / "run", epochs=4))
+    losses = []
+    original = trainer.criterion
+
+    def recorded(logits, targets):
+        loss = original(logits, targets)
+        losses.append(loss.item())
+        return loss
+
+    trainer.criterion = recorded
+    path = trainer.train()
+    baseline = trivial_baseline(trainer.val_set)
+    assert baseline < 12 and trainer.top1[-1] > 2 * baseline  # 10 classes: the largest is 11.7% of val
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.05
+    (record,), _ = read_results(tmp_path / "results.jsonl")
+    assert (record.task, record.dataset, record.protocol, record.method, record.arch) == (
+        "classification", "digits-embedded", "supervised", "supervised", "mpvit_nano_cpu")
+    assert record.value == trainer.top1[-1] and record.config["preset"] == "embedded_cpu"
+    model, report = backbone_from_checkpoint(path)
+    assert model.arch == "mpvit_nano_cpu" and report.metadata.method == "supervised"
+    assert report.missing == [] and not any(k.startswith("cls_head") for k in report.loaded)
+
+
+@pytest.mark.slow
+def test_a_run_stopped_mid_epoch_resumes_exactly(digits, tmp_path):
+    root = small_digits(digits, tmp_path / "small", per_class=16)  # 160 images: 5 steps of 32 per epoch
+    settings = dict(epochs=2, batch_size=32, save_every_steps=3, mixup=0.8, cutmix=1.0, repeated_augmentation=2)
+    whole = SupervisedTrainer(config(root, tmp_path / "whole", **settings))
+    whole.train()
+
+    stopped = SupervisedTrainer(config(root, tmp_path / "parts", **settings))
+    save = stopped.save
+
+    def save_then_stop():
+        save()
+        if stopped.step == 6:  # mid second epoch
+            raise Stop
+
+    stopped.save = save_then_stop
+    with pytest.raises(Stop):
+        stopped.train()
+    resumed = SupervisedTrainer(dataclasses.replace(
+        config(root, tmp_path / "parts", **settings),
+        run=dataclasses.replace(config(root, tmp_path / "parts").run, resume=True)))
+    resumed.train()
+    assert resumed.step == whole.step == 10
+    for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert resumed.top1 == whole.top1
+
+
+def test_the_pretrain_entry_point_takes_supervised_and_a_bad_root_is_one_line(tmp_path, capsys):
+    assert pretrain_run.main(["--method", "supervised", "--data-root", str(tmp_path), "--out",
+                              str(tmp_path / "out"), "--device", "cpu"]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "ImageNet's layout" in error[0]

@@ -1,0 +1,68 @@
+"""The MPViT and RC-MAE tables: the papers' reference rows as transcribed, our MPViT rows by preset, the
+supervised method in the main table."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from mimbench.results import Result
+from mimbench.tables import render
+from mimbench.tables.assemble import build_tables
+from mimbench.tables.rows import REFERENCE_DIR
+
+
+def by_name(tables):
+    return {table.name: table for table in tables}
+
+
+def coco(preset: str, box: float, mask: float, arch: str = "mpvit_small", seed: int = 0) -> Result:
+    return Result("detection", "coco", "mask-rcnn", "AP_bbox", box, {"AP_bbox": box, "AP_segm": mask},
+                  method="supervised", arch=arch, pretrain_epochs=300.0, seed=seed, config={"preset": preset})
+
+
+def test_mpvit_paper_rows_are_the_csv_and_ours_go_by_preset():
+    records = [coco("mpvit_maskrcnn_1x", 46.0, 42.0), coco("mpvit_maskrcnn_1x", 47.0, 42.0, seed=1),
+               coco("mpvit_maskrcnn_3x_ms", 48.0, 43.5),
+               Result("segmentation", "ade20k", "upernet", "mIoU", 47.5, {"mIoU": 47.5}, method="supervised",
+                      arch="mpvit_small", pretrain_epochs=300.0, config={"preset": "mpvit_upernet_160k"}),
+               Result("segmentation", "ade20k", "upernet", "mIoU", 30.0, {"mIoU": 30.0}, method="supervised",
+                      arch="mpvit_small", pretrain_epochs=300.0, config={"preset": "embedded_cpu"})]
+    table = by_name(build_tables(records))["mpvit"]
+    frame = table.frame.map(render.text)
+    paper = pd.read_csv(REFERENCE_DIR / "mpvit_cvpr2022_mpvit.csv")
+    assert list(frame["Arch"]) == [*paper["model"], "mpvit_small"]
+    assert list(frame["Source"]) == ["paper"] * 4 + ["ours"]
+    assert list(frame.loc[2, ["Params (M)", "GFLOPs", "ImageNet top-1", "COCO 1x AP^bb", "ADE20K mIoU"]]) == \
+        ["22.8", "4.7", "83.0", "46.4", "48.3"]
+    ours = frame.iloc[-1]
+    assert ours["Params (M)"] == "22.9" and ours["GFLOPs"] == "4.8"  # 22,892,400; torch's counter
+    assert ours["COCO 1x AP^bb"] == "46.5 ± 0.7 [n=2]" and ours["COCO 3x AP^bb"] == "48.0"
+    assert ours["COCO 3x AP^mk"] == "43.5" and ours["ADE20K mIoU"] == "47.5"  # not the embedded run's 30.0
+    assert any("CVPR 2022" in note for note in table.notes)
+
+
+def test_rcmae_reference_rows_and_the_supervised_row_in_the_main_table():
+    imagenet = Result("classification", "imagenet", "finetune", "top1", 81.8, {"top1": 81.8}, method="supervised",
+                      arch="vit_base_patch16_224", pretrain_epochs=300.0)
+    tables = by_name(build_tables([imagenet]))
+    rcmae = tables["rcmae"].frame.map(render.text)
+    assert list(rcmae["Method"]) == ["MAE", "RC-MAE"] * 3
+    assert list(rcmae.loc[3, ["Arch", "Pre-train epochs", "ImageNet top-1 (fine-tune)", "ImageNet top-1 (linear)",
+                              "COCO AP^bb (Mask R-CNN FPN)", "COCO AP^mk (Mask R-CNN FPN)"]]) == \
+        ["ViT-B/16", "1600", "83.6", "68.4", "51.0", "45.4"]
+    assert "Li et al. 2021" in tables["rcmae"].caption
+    main = tables["main"].frame
+    assert main[main["Source"] == "ours"]["Method"].tolist() == ["Supervised"]
+    without = [t.name for t in build_tables([imagenet], reference=False)]
+    assert without == ["main", "transfer", "other"]
+
+
+@pytest.mark.parametrize("name", ["mpvit", "rcmae"])
+def test_latex_of_the_new_tables_has_one_cell_per_column(name):
+    table = by_name(build_tables([coco("mpvit_maskrcnn_1x", 46.0, 42.0)]))[name]
+    tex = render.latex(table)
+    body = tex[tex.index(r"\toprule"):tex.index(r"\bottomrule")]
+    rows = [line for line in body.splitlines() if line.endswith(r"\\")]
+    assert len(rows) == len(table.frame) + 1
+    assert all(line.count("&") == len(table.frame.columns) - 1 for line in rows)
