@@ -19,12 +19,17 @@ import fcntl
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
-from mimbench.core.record import Result, build_result, checkpoint_fields  # noqa: F401  the record's home
-
-STORE_ENV = "MIMBENCH_RESULTS"
-DEFAULT_STORE = Path("results") / "results.jsonl"
+# A record and how it is written have their home in core (every engine and adapter writes records).
+from mimbench.core.record import (  # noqa: F401
+    DEFAULT_STORE,
+    STORE_ENV,
+    Result,
+    append_result,
+    build_result,
+    checkpoint_fields,
+    store_path,
+)
 
 
 @dataclass
@@ -34,28 +39,6 @@ class MalformedLine:
 
     def __str__(self) -> str:
         return f"line {self.line_number}: {self.problem}"
-
-
-def store_path(path: str | os.PathLike | None = None) -> Path:
-    """``path``, else ``$MIMBENCH_RESULTS``, else ``results/results.jsonl``."""
-    return Path(path or os.environ.get(STORE_ENV) or DEFAULT_STORE)
-
-
-def append_result(result: Result, store: str | os.PathLike | None = None) -> Path:
-    """Append one record as one line; safe with any number of concurrent writers on one file system."""
-    path = store_path(store)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = (result.to_json() + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # O_APPEND alone does not make large writes atomic on every FS
-        written = 0
-        while written < len(line):
-            written += os.write(fd, line[written:])
-        os.fsync(fd)
-    finally:
-        os.close(fd)  # closing releases the lock
-    return path
 
 
 def read_results(store: str | os.PathLike | None = None) -> tuple[list[Result], list[MalformedLine]]:

@@ -6,6 +6,7 @@ the run comes from here, so every task writes the same fields the same way.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
@@ -16,6 +17,8 @@ from typing import Any
 from mimbench.core.io import file_sha256, run_environment
 
 SCHEMA_VERSION = 1
+STORE_ENV = "MIMBENCH_RESULTS"
+DEFAULT_STORE = Path("results") / "results.jsonl"
 
 
 @dataclass
@@ -99,3 +102,25 @@ def build_result(*, task: str, dataset: str, protocol: str, metric: str, metrics
                   compute=compute, peak_memory_gb=round(peak_memory_gb(device), 3),
                   **checkpoint_fields(checkpoint, metadata, sha256, method=method, arch=arch),
                   **run_environment(device))
+
+
+def store_path(path: str | os.PathLike | None = None) -> Path:
+    """``path``, else ``$MIMBENCH_RESULTS``, else ``results/results.jsonl``."""
+    return Path(path or os.environ.get(STORE_ENV) or DEFAULT_STORE)
+
+
+def append_result(result: Result, store: str | os.PathLike | None = None) -> Path:
+    """Append one record as one line; safe with any number of concurrent writers on one file system."""
+    path = store_path(store)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (result.to_json() + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # O_APPEND alone does not make large writes atomic on every FS
+        written = 0
+        while written < len(line):
+            written += os.write(fd, line[written:])
+        os.fsync(fd)
+    finally:
+        os.close(fd)  # closing releases the lock
+    return path

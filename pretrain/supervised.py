@@ -42,7 +42,7 @@ from mimbench.backbones.vit import backbone_archs, create_backbone
 from mimbench.core.config import Embedded, RunSpec, config_parser, exit_status, parse_config, to_dict
 from mimbench.core.errors import ConfigError, DatasetError, TrainingDiverged
 from mimbench.core.io import atomic_write, file_sha256, git_commit
-from mimbench.core.record import build_result
+from mimbench.core.record import append_result, build_result
 from mimbench.core.rundir import start_run_on_rank0
 from mimbench.core.runtime import (
     autocast,
@@ -56,7 +56,6 @@ from mimbench.core.runtime import (
 )
 from mimbench.pretrain.data import IMAGENET_MEAN, IMAGENET_STD, ShardedSampler, sample_seed
 from mimbench.pretrain.engine import checkpoint_paths, micro_batch_seed
-from mimbench.results import append_result
 
 PROG = "pretrain/run.py --method supervised"
 # Drop path per arch: DeiT-B 0.1 (DeiT Table 9); MPViT T/XS 0.0 (main.py's default), S 0.05, B 0.3 (the

@@ -89,6 +89,12 @@ MPVIT_COLUMNS: tuple[Column, ...] = (
     Column("ade20k_upernet_160k_miou", "ADE20K mIoU", "ADE20K mIoU", "segmentation", "ade20k", "mIoU",
            preset="mpvit_upernet_160k"),
 )
+# Parameters (1000-class head) and GFLOPs at 224² of each MPViT size as our backbones/mpvit.py builds them (fvcore
+# counting; tests/test_tables_mpvit.py checks them against the model), so the tables need no torch.
+MPVIT_SIZES: dict[str, tuple[int, float]] = {
+    "mpvit_tiny": (5_843_736, 1.636), "mpvit_xsmall": (10_573_448, 2.95), "mpvit_small": (22_892_400, 4.771),
+    "mpvit_base": (74_845_976, 16.39), "mpvit_nano_cpu": (368_744, 0.184),
+}
 # The RC-MAE paper's numbers (Lee et al., ICLR 2023) where our columns fit; its COCO is Mask R-CNN + FPN with a
 # ViT (Li et al. 2021), not ViTDet, so it has a table of its own.
 RCMAE_COLUMNS: tuple[Column, ...] = (

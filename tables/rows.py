@@ -178,18 +178,15 @@ def paper_rows(reference_dir: Path = REFERENCE_DIR) -> dict[str, list[Row]]:
 
 def mpvit_rows(records: Iterable[Result]) -> list[Row]:
     """Our rows of the MPViT table: every MPViT record's cells there, with the size's params and GFLOPs."""
-    from mimbench.backbones.cli import forward_gflops
-    from mimbench.backbones.mpvit import SIZES
-
     values: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for record in records:
-        if record.arch in SIZES:
+        if record.arch in layout.MPVIT_SIZES:
             for column in layout.MPVIT_COLUMNS:
                 if (value := column.value_of(record)) is not None:
                     values[setting_of(record)][column.key].append(value)
     rows = []
     for (method, epochs, arch, tags), by_key in values.items():
-        params, gflops = forward_gflops(arch, num_classes=1000)  # as the paper counts them
+        params, gflops = layout.MPVIT_SIZES[arch]  # as the paper counts them
         cells = {"params_m": Cell(params / 1e6), "gflops_224": Cell(gflops),
                  **{key: Cell.of(found) for key, found in by_key.items()}}
         rows.append(Row(layout.OURS, method, epochs, arch, tags, cells=cells))

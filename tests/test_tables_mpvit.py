@@ -66,3 +66,12 @@ def test_latex_of_the_new_tables_has_one_cell_per_column(name):
     rows = [line for line in body.splitlines() if line.endswith(r"\\")]
     assert len(rows) == len(table.frame) + 1
     assert all(line.count("&") == len(table.frame.columns) - 1 for line in rows)
+
+
+def test_the_tables_mpvit_sizes_are_the_models_own_counts():
+    from mimbench.backbones.cli import forward_gflops
+    from mimbench.tables.layout import MPVIT_SIZES
+
+    for arch, (params, gflops) in MPVIT_SIZES.items():
+        counted_params, counted_gflops = forward_gflops(arch, num_classes=1000)
+        assert counted_params == params and counted_gflops == pytest.approx(gflops, abs=5e-3), arch
