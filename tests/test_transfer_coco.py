@@ -556,3 +556,24 @@ def test_a_resume_with_other_model_or_data_settings_is_refused_naming_the_fields
     (out / "model_final.pth").write_bytes(b"")
     assert main([*argv, "--eval-only", "--window-size", "4"]) == 1
     assert "--eval-only: " in capsys.readouterr().err
+
+
+def test_a_hierarchical_backbone_builds_from_a_yacs_config_through_detectron2s_registry(one_thread):
+    """Detectron2's own way (``build_resnet_fpn_backbone``): MODEL.BACKBONE.NAME picks our builder, which puts the
+    contract's levels, by name, channels and stride, under Detectron2's FPN."""
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_backbone
+
+    cfg = get_cfg()
+    cfg.MODEL.BACKBONE.NAME = "build_contract_fpn_backbone"
+    cfg.MODEL.MIMBENCH_ARCH = "resnet18"
+    cfg.MODEL.FPN.IN_FEATURES = ["stage1", "stage2", "stage3", "stage4"]
+    fpn = build_backbone(cfg)
+    shapes = fpn.output_shape()
+    assert {name: (shape.channels, shape.stride) for name, shape in shapes.items()} == {
+        f"p{k}": (256, 2 ** k) for k in range(2, 7)}
+    levels = fpn.bottom_up.output_shape()
+    assert (levels["stage3"].channels, levels["stage3"].stride, levels["stage4"].stride) == (256, 16, 32)
+    maps = fpn(torch.randn(1, 3, 64, 64))
+    assert {name: tuple(value.shape) for name, value in maps.items()} == {
+        f"p{k}": (1, 256, 64 // 2 ** k, 64 // 2 ** k) for k in range(2, 7)}

@@ -61,7 +61,8 @@ from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import AMPTrainer, SimpleTrainer, create_ddp_model, default_writers, hooks, launch
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset
 from detectron2.layers import FrozenBatchNorm2d
-from detectron2.modeling.backbone import Backbone
+from detectron2.modeling.backbone import BACKBONE_REGISTRY, FPN, Backbone
+from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from detectron2.modeling.backbone.vit import ViT
 from detectron2.solver import LRMultiplier, WarmupParamScheduler
 from detectron2.utils import comm
@@ -274,6 +275,16 @@ class ContractBackbone(Backbone):
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return dict(zip(self._out_features, self.contract.features(images)))
+
+
+@BACKBONE_REGISTRY.register()
+def build_contract_fpn_backbone(cfg, input_shape) -> FPN:
+    """For Detectron2's yacs configs (``MODEL.BACKBONE.NAME: build_contract_fpn_backbone``): a hierarchical
+    backbone of ours (``MODEL.MIMBENCH_ARCH``) under Detectron2's FPN, as ``build_resnet_fpn_backbone`` builds one
+    over its ResNets; ``MODEL.FPN.IN_FEATURES`` names the contract's levels (``stage1`` ... ``stage4``)."""
+    bottom_up = ContractBackbone(create_backbone(cfg.MODEL.MIMBENCH_ARCH))
+    return FPN(bottom_up=bottom_up, in_features=cfg.MODEL.FPN.IN_FEATURES, out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
+               norm=cfg.MODEL.FPN.NORM, top_block=LastLevelMaxPool(), fuse_type=cfg.MODEL.FPN.FUSE_TYPE)
 
 
 def feature_pyramid(config, backbone: nn.Module, recipe: DetectionPreset) -> None:
