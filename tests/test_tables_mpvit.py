@@ -68,6 +68,7 @@ def test_latex_of_the_new_tables_has_one_cell_per_column(name):
     assert all(line.count("&") == len(table.frame.columns) - 1 for line in rows)
 
 
+@pytest.mark.slow  # an end-to-end run of several seconds: `make test` only
 def test_the_tables_mpvit_sizes_are_the_models_own_counts():
     from mimbench.backbones.cli import forward_gflops
     from mimbench.tables.layout import MPVIT_SIZES

@@ -449,6 +449,7 @@ def probe_argv(checkpoint: Path, folder: Path, *extra: str) -> list[str]:
             "--cache-dir", str(folder / "cache"), "--out", str(folder / "run"), *extra]
 
 
+@pytest.mark.slow  # an end-to-end run of several seconds: `make test` only
 def test_the_run_directory_holds_config_and_record_and_follows_the_resume_rule(tmp_path, checkpoint, capsys):
     argv = probe_argv(checkpoint, tmp_path, "--precision", "fp32")
     assert main(argv) == 0
@@ -478,6 +479,7 @@ def test_the_run_directory_holds_config_and_record_and_follows_the_resume_rule(t
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 6
 
 
+@pytest.mark.slow  # an end-to-end run of several seconds: `make test` only
 def test_precision_fp32_never_autocasts(tmp_path, checkpoint, monkeypatch):
     used = []
     autocast = features.autocast
@@ -605,6 +607,7 @@ def test_ericsson_recipe_is_their_finetune_py():
         0.0, 0.0, 0.0, None, 0.0)
 
 
+@pytest.mark.slow  # an end-to-end run of several seconds: `make test` only
 def test_a_step_budget_runs_exactly_its_steps_on_sgd_nesterov_with_a_cosine_to_zero(tmp_path, checkpoint):
     run = small_run(checkpoint, tmp_path / "run", base=PRESETS["ericsson"], steps=10, batch_size=16, image_size=16,
                     base_lr=0.01, weight_decay=1e-3)

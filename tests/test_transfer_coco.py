@@ -241,6 +241,7 @@ class GroundTruthAsPredictions(nn.Module):
         return outputs
 
 
+@pytest.mark.slow  # an end-to-end run of several seconds: `make test` only
 def test_ground_truth_as_predictions_scores_100_and_a_perturbation_matches_pycocotools(tmp_path, embedded):
     config = CocoConfig(run=RunSpec(ckpt="unused", data_root=str(embedded)))
     _, val_name = register_splits(config)
