@@ -57,12 +57,16 @@ def test_learning_rate_schedule():
 @pytest.mark.parametrize("method", [["--method", "rcmae"],
                                     # MixedAE-Full's settings (no boxes in the photos: random crops, said once)
                                     ["--method", "mixedae", "--mixtures-per-group", "4", "--object-aware"]])
-def test_resume_after_sigkill_is_exact(tmp_path, tiny_run, method):
+def test_resume_after_sigkill_is_exact(tmp_path, tiny_run, method, one_thread):
+    """Every process on one thread, as the regression runs: with two threads the resumed MixedAE-Full run (m = 4)
+    ends a few bits away from the straight one (seen on mask_token; RC-MAE stays exact), a thread-dependent
+    summation order not yet tracked down."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert main([*method, *tiny_run, "--out", str(straight)]) == 0
 
     process = subprocess.Popen([sys.executable, str(ROOT / "pretrain" / "run.py"), *method, *tiny_run,
-                                "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
     first = killed / "checkpoints" / "step_00000005.pth"
     deadline = time.time() + 120
     while not first.exists() and time.time() < deadline and process.poll() is None:
