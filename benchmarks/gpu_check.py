@@ -25,12 +25,15 @@ import glob
 import json
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,6 +121,7 @@ class Context:
     work: Path  # generated data and run folders
     log: Path  # every command's output
     checkpoint: Path  # a random-init encoder of size.arch
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # the log, for checks run at once
 
     @property
     def results(self) -> Path:
@@ -127,14 +131,17 @@ class Context:
         """Run ``command`` in the repository under the check's time limit; (exit status, output). The output is
         appended to the log; a timeout reads as status 124."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        try:
-            done = subprocess.run(list(command), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True, timeout=self.size.seconds[name])
-            status, output = done.returncode, done.stdout
-        except subprocess.TimeoutExpired as expired:
-            partial = expired.stdout.decode(errors="replace") if isinstance(expired.stdout, bytes) else expired.stdout
-            status, output = 124, f"{partial or ''}\n(stopped after {self.size.seconds[name]} s)"
-        with self.log.open("a") as log:
+        limit = self.size.seconds[name]
+        # A session of its own, so a timeout ends torchrun's workers too (they would hold the GPU).
+        with subprocess.Popen(list(command), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True) as process:
+            try:
+                output, _ = process.communicate(timeout=limit)
+                status = process.returncode
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                output, status = f"{process.communicate()[0]}\n(stopped after {limit} s)", 124
+        with self.lock, self.log.open("a") as log:
             log.write(f"\n===== {name}: {' '.join(command)}\n{output}\n===== {name}: exit status {status}\n")
         return status, output
 
@@ -312,7 +319,9 @@ def environment(device: str) -> str:
             "workers by default")
 
 
-def run_checks(ctx: Context, only: Sequence[str]) -> list[Outcome]:
+def run_checks(ctx: Context, only: Sequence[str], jobs: int = 1) -> list[Outcome]:
+    """The checks in order (``jobs`` at a time: more than one only where timings do not matter), each printed as
+    its turn comes."""
     from mimbench.benchmarks.data_throughput import write_jpegs
 
     count, width, height = ctx.size.jpegs
@@ -321,14 +330,19 @@ def run_checks(ctx: Context, only: Sequence[str]) -> list[Outcome]:
         "steps": lambda: check_steps(ctx), "pretrain": lambda: check_pretrain(ctx, jpegs),
         "digits": lambda: check_digits(ctx), "coco": lambda: check_coco(ctx), "ade20k": lambda: check_ade20k(ctx),
         "nccl": lambda: check_nccl(ctx), "loader": lambda: check_loader(ctx)}
-    outcomes = []
-    for name in only or checks:
+
+    def timed(name: str) -> Outcome:
         start = time.perf_counter()
         outcome = checks[name]()
         outcome.seconds = time.perf_counter() - start
-        print(f"{outcome.status} {name} ({outcome.seconds:.0f} s): " + outcome.figures.replace("\n", "\n    "),
-              flush=True)
-        outcomes.append(outcome)
+        return outcome
+
+    outcomes = []
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for outcome in pool.map(timed, only or checks):
+            print(f"{outcome.status} {outcome.name} ({outcome.seconds:.0f} s): "
+                  + outcome.figures.replace("\n", "\n    "), flush=True)
+            outcomes.append(outcome)
     return outcomes
 
 
@@ -339,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/gpu_check"),
                         help="where gpu_check.log (every command's output) and gpu_check.json go")
     parser.add_argument("--only", nargs="*", default=[], choices=list(FULL.seconds), help="default: every check")
+    parser.add_argument("--jobs", type=int, default=1, help="checks run at once (timings are then not comparable)")
     parser.add_argument("--probe-process-group", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.probe_process_group:
@@ -353,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="gpu_check") as work:
         ctx = Context(SIZES[args.size], args.device, Path(work), log,
                       write_checkpoint(Path(work) / "encoder.safetensors", SIZES[args.size].arch))
-        outcomes = run_checks(ctx, args.only)
+        outcomes = run_checks(ctx, args.only, args.jobs)
     failed = [outcome.name for outcome in outcomes if outcome.passed is False]
     summary = {"size": args.size, "device": args.device, "seconds": round(time.perf_counter() - started, 1),
                "failed": failed, "checks": [dataclasses.asdict(outcome) for outcome in outcomes]}
