@@ -219,18 +219,15 @@ def check_coco(ctx: Context) -> Outcome:
 
     scene, train, val = ctx.size.coco_scenes
     data = write_embedded_coco(ctx.work / "coco-data", image_size=scene, sizes={"train2017": train, "val2017": val})
-    out = ctx.work / "coco"
-    status, output = ctx.run("coco", [
-        *TORCHRUN, "transfer/run.py", "coco", "--ckpt", str(ctx.checkpoint), "--data-root", str(data),
-        "--device", ctx.device, *ctx.size.coco_flags, "--visualize", "0", "--results", str(ctx.results),
-        "--out", str(out)])
-    record = record_of(ctx.results, "detection")
-    if status or record is None:
-        return failed_run("coco", status, output)
+    return check_dense(ctx, "coco", "detection", data, [*ctx.size.coco_flags, "--visualize", "0"], coco_curves,
+                       amp=lambda record: record["precision"] == "bf16")
+
+
+def coco_curves(out: Path) -> tuple[list[float], list[float]]:
+    """Detectron2's logged losses and seconds per iteration (past the first fifth: the warm-up)."""
     logged = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
-    losses = [entry["total_loss"] for entry in logged if "total_loss" in entry]
-    times = [entry["time"] for entry in logged if "time" in entry][len(logged) // 5:]  # past the warm-up
-    return dense_outcome("coco", losses, times, record, amp=record["precision"] == "bf16")
+    times = [entry["time"] for entry in logged if "time" in entry]
+    return [entry["total_loss"] for entry in logged if "total_loss" in entry], times[len(times) // 5:]
 
 
 def check_ade20k(ctx: Context) -> Outcome:
@@ -238,28 +235,37 @@ def check_ade20k(ctx: Context) -> Outcome:
 
     scene, train, val = ctx.size.ade_scenes
     data = make_embedded_ade20k(ctx.work / "ade-data", EmbeddedSet(size=scene, train=train, val=val))
-    out = ctx.work / "ade20k"
-    status, output = ctx.run("ade20k", [
-        *TORCHRUN, "transfer/run.py", "ade20k", "--ckpt", str(ctx.checkpoint), "--data-root", str(data),
-        "--device", ctx.device, *ctx.size.ade_flags, "--overlays", "0", "--results", str(ctx.results), "--out", str(out)])
-    record = record_of(ctx.results, "segmentation")
-    if status or record is None:
-        return failed_run("ade20k", status, output)
-    losses = json.loads((out / "train_loss.json").read_text())
+    return check_dense(ctx, "ade20k", "segmentation", data, [*ctx.size.ade_flags, "--overlays", "0"], ade20k_curves,
+                       amp=lambda record: record["config"]["optim_wrapper"] == "AmpOptimWrapper")
+
+
+def ade20k_curves(out: Path) -> tuple[list[float], list[float]]:
+    """The run's losses per iteration and mmengine's logged seconds per iteration (past the first fifth)."""
     scalars = [json.loads(line) for path in glob.glob(str(out / "*" / "vis_data" / "scalars.json"))
                for line in Path(path).read_text().splitlines()]
-    times = [entry["time"] for entry in scalars if "time" in entry][len(scalars) // 5:]
-    return dense_outcome("ade20k", losses, times, record, amp=record["config"]["optim_wrapper"] == "AmpOptimWrapper")
+    times = [entry["time"] for entry in scalars if "time" in entry]
+    return json.loads((out / "train_loss.json").read_text()), times[len(times) // 5:]
 
 
-def dense_outcome(name: str, losses: Sequence[float], times: Sequence[float], record: dict, amp: bool) -> Outcome:
-    """A detection or segmentation run's verdict: falling finite loss, and mixed precision wherever a GPU ran it."""
+def check_dense(ctx: Context, name: str, task: str, data: Path, flags: Sequence[str],
+                curves: Callable[[Path], tuple[list[float], list[float]]], amp: Callable[[dict], bool]) -> Outcome:
+    """A detection or segmentation run under torchrun; passed when its loss is finite and falls, and when it ran
+    in mixed precision wherever it ran on a GPU."""
+    out = ctx.work / name
+    status, output = ctx.run(name, [
+        *TORCHRUN, "transfer/run.py", name, "--ckpt", str(ctx.checkpoint), "--data-root", str(data),
+        "--device", ctx.device, *flags, "--results", str(ctx.results), "--out", str(out)])
+    record = record_of(ctx.results, task)
+    if status or record is None:
+        return failed_run(name, status, output)
+    losses, times = curves(out)
     falling, loss_text = loss_verdict(losses)
-    amp_ok = amp or record["device"].startswith("cpu")  # a record's device: the GPU's name, or "cpu (...)"
+    mixed = amp(record)
+    on_cpu = record["device"].startswith("cpu")  # a record's device: the GPU's name, or "cpu (...)"
     metric = f"{record['metric']} {record['metrics'][record['metric']]:.2f}"
-    return Outcome(name, falling and amp_ok, f"torchrun, 1 process: {loss_text}, {median_ms(times)}, precision "
-                                             f"{record['precision']} (mixed precision {'on' if amp else 'off'}), "
-                                             f"{metric} on {record['device']}")
+    return Outcome(name, falling and (mixed or on_cpu),
+                   f"torchrun, 1 process: {loss_text}, {median_ms(times)}, precision {record['precision']} (mixed "
+                   f"precision {'on' if mixed else 'off'}), {metric} on {record['device']}")
 
 
 def check_nccl(ctx: Context) -> Outcome:
