@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         root = write_jpegs(folder, recipe.batch_size * args.batches, size=tuple(args.image_size))
         loader, startup = loader_images_per_s(recipe, root, device, args.batches)
     crop = ARCHS[recipe.arch]["img_size"]
-    print(f"loader: {loader:9.1f} images/s  ({recipe.num_workers} workers, batch {recipe.batch_size}, "
+    print(f"loader: {loader:10.4g} images/s  ({recipe.num_workers} workers, batch {recipe.batch_size}, "
           f"{args.batches - 1} batches of {crop}² crops from {args.image_size[0]}×{args.image_size[1]} JPEGs; "
           f"first batch after {startup:.1f} s)")
     if args.step_images_per_s:
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         step = step_images_per_s(config, device, dtype, args.steps)
         source = (f"{args.method} {recipe.arch}, batch {recipe.batch_size}, {precision_name(dtype)} on {device}, "
                   f"median of {args.steps} steps")
-    print(f"step:   {step:9.1f} images/s  ({source})")
+    print(f"step:   {step:10.4g} images/s  ({source})")
     ratio = loader / step
     verdict = "keeps up with the step" if ratio >= 1 else "STARVES the step (more --num-workers, or faster decoding)"
     print(f"loader/step = {ratio:.2f}: data loading {verdict}")
