@@ -16,6 +16,7 @@ import torch
 from mimbench.benchmarks import gpu_check
 from mimbench.benchmarks.data_throughput import loader_images_per_s, write_jpegs
 from mimbench.core.runtime import loader_workers
+from mimbench.pretrain import supervised
 from mimbench.pretrain.data import ImageFiles
 from mimbench.pretrain.engine import HARMLESS_ON_RESUME, PRESETS, PretrainRecipe
 from mimbench.transfer.classification import LinearProbe
@@ -51,6 +52,8 @@ def test_worker_defaults_follow_the_machine_and_stay_harmless_on_resume():
     assert PretrainRecipe().num_workers == PRESETS["in1k_vit_b"].num_workers == loader_workers()
     assert PRESETS["embedded_cpu"].num_workers == 2  # the demo's (and the regression's) own choice
     assert "num_workers" in HARMLESS_ON_RESUME
+    assert supervised.SupervisedRecipe().num_workers == loader_workers()
+    assert "num_workers" in supervised.HARMLESS_ON_RESUME
     assert LinearProbe().num_workers == loader_workers()
 
 
