@@ -25,7 +25,6 @@ import glob
 import json
 import math
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -132,15 +131,20 @@ class Context:
         appended to the log; a timeout reads as status 124."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         limit = self.size.seconds[name]
-        # A session of its own, so a timeout ends torchrun's workers too (they would hold the GPU).
         with subprocess.Popen(list(command), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, start_new_session=True) as process:
+                              text=True) as process:
             try:
                 output, _ = process.communicate(timeout=limit)
                 status = process.returncode
             except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                output, status = f"{process.communicate()[0]}\n(stopped after {limit} s)", 124
+                # SIGTERM first: torchrun then ends its workers (which would hold the GPU) before it exits.
+                process.terminate()
+                try:
+                    output, _ = process.communicate(timeout=15)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    output, _ = process.communicate()
+                output, status = f"{output}\n(stopped after {limit} s)", 124
         with self.lock, self.log.open("a") as log:
             log.write(f"\n===== {name}: {' '.join(command)}\n{output}\n===== {name}: exit status {status}\n")
         return status, output
