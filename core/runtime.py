@@ -61,6 +61,23 @@ def init_distributed(device: str | None) -> Distributed:
     return Distributed(dist.get_rank(), dist.get_world_size(), local_rank, wanted)
 
 
+# More loader processes than this rarely pay for one training process: each holds a copy of the dataset object and
+# its prefetched batches, and one epoch's start waits for all of them.
+MAX_LOADER_WORKERS = 16
+
+
+def loader_workers(cap: int = MAX_LOADER_WORKERS) -> int:
+    """DataLoader worker processes for one training process: the CPUs this process may run on (its affinity mask,
+    which a job scheduler or ``taskset`` narrows), shared among the torchrun processes of this machine
+    (``LOCAL_WORLD_SIZE``), less one for the training process itself, at most ``cap``, at least 0."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity masks (macOS, Windows)
+        cpus = os.cpu_count() or 1
+    per_process = cpus // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    return max(min(per_process - 1, cap), 0)
+
+
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9

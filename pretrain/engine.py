@@ -44,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.optim import param_groups_weight_decay
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from torchvision.utils import save_image
 from tqdm import tqdm
 
@@ -66,6 +66,7 @@ from mimbench.core.runtime import (
     finite_on_all_ranks,
     init_distributed,
     learning_rate,
+    loader_workers,
     peak_memory_gb,
     precision_name,
 )
@@ -105,7 +106,9 @@ class PretrainRecipe:
     object_aware: bool = False
     object_center_region: float = CentricObjectRule.center_region
     object_min_cover: float = CentricObjectRule.min_cover
-    num_workers: int = 8
+    # Loader processes per training process: this machine's CPUs (`loader_workers`). The count changes no number:
+    # every augmentation is drawn from (seed, epoch, sample), whichever worker draws it (pretrain/data.py).
+    num_workers: int = loader_workers()
     save_every_steps: int = 1000
     keep_checkpoints: int = 2
     compile: bool | None = None  # None: on CUDA only
@@ -230,6 +233,15 @@ def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str,
     other trainable tensor is decayed, ``cls_token`` and ``mask_token`` (and MixedAE's segment embeddings)
     included; frozen tensors (the sin-cos position embeddings, RC-MAE's teacher) are in neither group."""
     return param_groups_weight_decay(model, weight_decay)
+
+
+def pretrain_loader(dataset: Dataset, sampler: ShardedSampler, recipe: PretrainRecipe, device: torch.device,
+                    seed: int) -> DataLoader:
+    """One epoch's loader (create it after ``set_epoch``: pretrain/data.py); benchmarks/data_throughput.py times
+    this one."""
+    return DataLoader(dataset, batch_size=recipe.batch_size, sampler=sampler, drop_last=True,
+                      num_workers=recipe.num_workers, pin_memory=device.type == "cuda",
+                      generator=torch.Generator().manual_seed(seed))
 
 
 def checkpoint_paths(out: Path) -> list[Path]:
@@ -375,9 +387,7 @@ class Trainer:
         start_in_epoch = self.step - epoch * self.steps_per_epoch
         self.sampler.set_epoch(epoch, skip=start_in_epoch * micro_per_step * recipe.batch_size)
         self.dataset.set_epoch(epoch)
-        loader = DataLoader(self.dataset, batch_size=recipe.batch_size, sampler=self.sampler, drop_last=True,
-                            num_workers=recipe.num_workers, pin_memory=self.device.type == "cuda",
-                            generator=torch.Generator().manual_seed(run.seed))
+        loader = pretrain_loader(self.dataset, self.sampler, recipe, self.device, run.seed)
         self.model.train()
         segment_start = time.perf_counter()
         last_time, micro, unreadable = segment_start, 0, []

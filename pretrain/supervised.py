@@ -51,6 +51,7 @@ from mimbench.core.runtime import (
     finite_on_all_ranks,
     init_distributed,
     learning_rate,
+    loader_workers,
     peak_memory_gb,
     precision_name,
 )
@@ -84,7 +85,9 @@ class SupervisedRecipe:
     mixup: float = 0.8
     cutmix: float = 1.0
     repeated_augmentation: int = 3  # copies of an image per epoch (DeiT's RASampler); 1: off
-    num_workers: int = 8
+    # Loader processes: this machine's CPUs (core.runtime.loader_workers); sample i of epoch e is augmented from
+    # (seed, e, i) alone, so the count changes no number.
+    num_workers: int = loader_workers()
     save_every_steps: int = 1000
     keep_checkpoints: int = 2
     compile: bool | None = None  # None: on CUDA only

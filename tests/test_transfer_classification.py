@@ -24,7 +24,7 @@ from mimbench.backbones.vit import create_backbone
 from mimbench.core.config import to_dict
 from mimbench.core.errors import TrainingDiverged
 from mimbench.core.io import file_sha256
-from mimbench.core.runtime import Distributed
+from mimbench.core.runtime import Distributed, loader_workers
 from mimbench.results import read_results
 from mimbench.transfer import classification, features
 from mimbench.transfer.classification import LinearProbe, parse_args
@@ -456,7 +456,8 @@ def test_the_run_directory_holds_config_and_record_and_follows_the_resume_rule(t
     (record,) = records(tmp_path / "results.jsonl")
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert {key: record.config[key] for key in saved} == saved and saved["run"]["precision"] == "fp32"
-    assert saved["probe"] == {"pool": "avg", "batch_size": 128, "num_workers": 2} and saved["per_class"] == 5
+    assert saved["probe"] == {"pool": "avg", "batch_size": 128, "num_workers": loader_workers()}
+    assert saved["per_class"] == 5
     assert json.loads((tmp_path / "run" / "record.json").read_text())["metrics"] == record.metrics
     assert record.precision == "fp32" == record.compute["precision"] and "cpu_capability" in record.compute
     capsys.readouterr()

@@ -149,7 +149,9 @@ UPERNET_VITB_160K = SegmentationPreset(
     val_interval=16_000,  # schedule_160k.py: val_interval=16000, CheckpointHook interval=16000
     checkpoint_interval=16_000,
     log_interval=50,  # schedule_160k.py: LoggerHook interval=50
-    num_workers=4,  # ade20k.py: num_workers=4
+    # ade20k.py: num_workers=4. Kept, not the machine's count (core.runtime.loader_workers): mmengine seeds each
+    # worker by its index and the batches go round the workers, so the count decides the augmentations.
+    num_workers=4,
 )
 
 # MPViT's UperNet (Lee et al., CVPR 2022, Sec. 4.3; the official semantic_segmentation/configs/mpvit/upernet/

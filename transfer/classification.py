@@ -49,6 +49,7 @@ from mimbench.core.runtime import (
     Distributed,
     autocast_dtype,
     init_distributed,
+    loader_workers,
     precision_name,
     resolve_device,
 )
@@ -91,7 +92,9 @@ class LinearProbe:
 
     pool: str = "avg"  # "avg" (global average pool, + norm for a ViT) or "token" (a ViT's class token)
     batch_size: int = 128  # feature extraction
-    num_workers: int = 2
+    # Loader processes: this machine's CPUs (core.runtime.loader_workers); features are computed without random
+    # augmentation and in order, so the count changes no number.
+    num_workers: int = loader_workers()
 
 
 @dataclass

@@ -210,6 +210,8 @@ class CocoConfig:
     num_machines: int = 1
     machine_rank: int = 0
     dist_url: str = "auto"  # tcp://<rank-0 host>:<port> for several machines
+    # A fixed number, not the machine's count (core.runtime.loader_workers): Detectron2's workers each draw their
+    # own augmentations and shard the sampler's order among themselves, so the count decides the batches.
     num_workers: int = 2
     visualize: int = 4  # predictions drawn on this many val images
     # The first N images (by image id) of train2017 and of val2017, for a quick check on the real data: their

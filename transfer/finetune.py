@@ -92,7 +92,10 @@ class FinetuneRecipe:
     optimizer: str = "adamw"  # "adamw" | "lars" | "sgd-nesterov" (momentum 0.9, weight decay on every parameter)
     steps: int | None = None  # a budget of optimizer steps instead of epochs (the schedule runs over it)
     lr_batch_scaling: bool = True  # lr = base_lr * effective batch / 256; False: lr = base_lr
-    num_workers: int = 10  # data-loading processes per training process (MAE's default; changes no number)
+    # Data-loading processes per training process (MAE's default). A fixed number, not the machine's count
+    # (core.runtime.loader_workers): each worker draws the augmentations of its own batches from its own seed, so
+    # the count is part of what a run computes.
+    num_workers: int = 10
     # Base lrs and weight decays tried on val (train -> val), the best pair retrained on trainval; empty: base_lr
     # (weight_decay) alone. An explicit --base-lr (--weight-decay) on the command line is that one value.
     lr_grid: tuple[float, ...] = ()
