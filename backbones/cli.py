@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -28,9 +29,10 @@ from mimbench.backbones.vit import ARCHS, backbone_archs, count_parameters, crea
 from mimbench.core.io import git_commit
 
 
+@functools.cache  # a record asks once per run; counting builds the model (on the meta device) and runs it
 def forward_gflops(arch: str, num_classes: int = 0) -> tuple[int, float]:
     """Parameters and forward GFLOPs of one image, counting a multiply-add as one FLOP (as ViT papers do); a
-    hierarchical backbone at 224²."""
+    hierarchical backbone at 224². The one count of both: the summary, the records and the exports use it."""
     with torch.device("meta"):
         model = create_backbone(arch, num_classes=num_classes)
         size = ARCHS[arch]["img_size"] if arch in ARCHS else 224
