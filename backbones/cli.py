@@ -13,6 +13,7 @@ import argparse
 import functools
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from tabulate import tabulate
@@ -39,6 +40,16 @@ def forward_gflops(arch: str, num_classes: int = 0) -> tuple[int, float]:
         with FlopCounterMode(display=False) as counter:
             model(torch.empty(1, 3, size, size))
     return count_parameters(model), counter.get_total_flops() / 2 / 1e9
+
+
+def backbone_size(arch: str) -> dict[str, Any]:
+    """``params`` and ``gflops`` of a backbone as records and export metadata carry them: the headless backbone's
+    parameters and the GFLOPs of one forward at its eval input size (`forward_gflops`, cached per arch); None
+    for an arch the registry does not know."""
+    if arch not in backbone_archs():
+        return {"params": None, "gflops": None}
+    params, gflops = forward_gflops(arch)
+    return {"params": params, "gflops": round(gflops, 4)}
 
 
 def summary_table(archs: list[str]) -> str:

@@ -56,11 +56,11 @@ from mimbench.backbones.checkpoint import (
     read_checkpoint,
     save_backbone,
 )
+from mimbench.backbones.cli import backbone_size
 from mimbench.backbones.vit import ARCHS
 from mimbench.core.config import RunSpec, from_dict, to_dict
 from mimbench.core.errors import ConfigError, DatasetError, TrainingDiverged
 from mimbench.core.io import atomic_write, git_commit
-from mimbench.core.record import backbone_size
 from mimbench.core.rundir import RunLock, start_run_on_rank0
 from mimbench.core.runtime import (
     autocast,
@@ -542,7 +542,8 @@ class Trainer:
         }
 
     def export(self) -> Path:
-        """Encoder-only safetensors with metadata (method, arch, epochs, data, cost) for every downstream task."""
+        """Encoder-only safetensors with metadata (method, arch, epochs, data, cost, the backbone's params and
+        GFLOPs) for every downstream task."""
         path = self.out / "encoder.safetensors"
         if not self.dist.is_main:
             return path
@@ -552,7 +553,8 @@ class Trainer:
         encoder, extra = self.exported()
         self.metadata = CheckpointMetadata(
             method=method, arch=arch, epochs=self.step / self.steps_per_epoch, data=self.dataset.description,
-            git_commit=git_commit(), extra={"cost": cost, **backbone_size(arch), **extra, "config": to_dict(self.config)})
+            git_commit=git_commit(),
+            extra={"cost": cost, **backbone_size(arch), **extra, "config": to_dict(self.config)})
         save_backbone(path, encoder, self.metadata)
         atomic_write(self.out / "cost.json", lambda tmp: tmp.write_text(json.dumps(cost, indent=2) + "\n"))
         self.writer.close()

@@ -37,6 +37,7 @@ from timm.optim import param_groups_weight_decay
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 
+from mimbench.backbones.cli import backbone_size
 from mimbench.backbones.contract import backbone_contract
 from mimbench.backbones.vit import backbone_archs, create_backbone
 from mimbench.core.config import Embedded, RunSpec, config_parser, exit_status, parse_config, to_dict
@@ -299,7 +300,8 @@ class SupervisedTrainer(Trainer):
                                   metric="top1", metrics={"top1": self.top1[-1]}, checkpoint=path,
                                   metadata=self.metadata, sha256=file_sha256(path), method="supervised",
                                   arch=self.config.recipe.arch, seed=run.seed, config=to_dict(self.config),
-                                  started=self.started, device=self.device, dtype=self.dtype)
+                                  started=self.started, device=self.device, dtype=self.dtype,
+                                  **backbone_size(self.config.recipe.arch))
             print(f"val top-1 {result.value:.2f} -> {append_result(result, run.results)}", flush=True)
         return path
 

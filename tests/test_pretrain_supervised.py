@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from mimbench.backbones.checkpoint import backbone_from_checkpoint
+from mimbench.backbones.cli import forward_gflops
+from mimbench.backbones.vit import count_parameters
 from mimbench.pretrain import run as pretrain_run
 from mimbench.pretrain.supervised import (
     DROP_PATH,
@@ -85,6 +87,8 @@ def test_loss_falls_and_top1_beats_the_trivial_baseline(digits, tmp_path):
     assert record.value == trainer.top1[-1] and record.config["preset"] == "embedded_cpu"
     model, report = backbone_from_checkpoint(path)
     assert model.arch == "mpvit_nano_cpu" and report.metadata.method == "supervised"
+    assert record.params == report.metadata.extra["params"] == count_parameters(model) == 303_744
+    assert record.gflops == report.metadata.extra["gflops"] == round(forward_gflops("mpvit_nano_cpu")[1], 4)
     assert report.missing == [] and not any(k.startswith("cls_head") for k in report.loaded)
 
 
