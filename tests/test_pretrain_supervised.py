@@ -4,6 +4,7 @@ trivial baseline, a run stopped mid-epoch resumes exactly, the export is a headl
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -12,8 +13,9 @@ import torch
 
 from mimbench.backbones.checkpoint import backbone_from_checkpoint
 from mimbench.backbones.cli import forward_gflops
-from mimbench.backbones.vit import count_parameters
+from mimbench.backbones.vit import count_parameters, create_backbone
 from mimbench.pretrain import run as pretrain_run
+from mimbench.pretrain.engine import checkpoint_paths
 from mimbench.pretrain.supervised import (
     DROP_PATH,
     PRESETS,
@@ -118,6 +120,25 @@ def test_a_run_stopped_mid_epoch_resumes_exactly(digits, tmp_path):
     for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
     assert resumed.top1 == whole.top1
+    # the engine's resumable checkpoint: the classifier's own state dict (what the landscape study loads), the run's
+    # config and the top-1 so far
+    state = torch.load(checkpoint_paths(tmp_path / "parts")[-1], weights_only=False)
+    assert list(state["model"]) == list(create_backbone("mpvit_nano_cpu", num_classes=10).state_dict())
+    assert json.loads(state["config"])["run"]["method"] == "supervised" and state["top1"] == whole.top1
+
+
+def test_an_unreadable_image_is_skipped_with_its_neighbour_standing_in(digits, tmp_path):
+    root = small_digits(digits, tmp_path / "small", per_class=1)
+    broken = sorted((root / "train" / "3").iterdir())[0]
+    broken.write_bytes(b"not a png")
+    trainer = SupervisedTrainer(config(root, tmp_path / "run", batch_size=8))
+    order = [trainer.dataset.folder.samples[int(i)][0] for i in trainer.dataset.order]
+    index = order.index(str(broken))
+    with pytest.warns(UserWarning, match="cannot read image"):
+        image, label, unreadable = trainer.dataset[index]
+    assert unreadable == index and label == trainer.dataset.folder.samples[
+        int(trainer.dataset.order[(index + 1) % len(order)])][1]
+    assert trainer.dataset[(index + 1) % len(order)][2] == -1 and image.shape == (3, 32, 32)
 
 
 def test_the_pretrain_entry_point_takes_supervised_and_a_bad_root_is_one_line(tmp_path, capsys):
