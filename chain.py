@@ -1,4 +1,5 @@
-"""The whole chain on one command: pretrain MAE, RC-MAE and MixedAE, transfer every encoder, build the tables.
+"""The whole chain on one command: pretrain MAE, RC-MAE and MixedAE (the demo also trains its small MPViT and ViT
+with labels, `SUPERVISED`), transfer every encoder, build the tables.
 
     python -m mimbench.chain demo [--out runs/demo] [--fresh]           # `make demo`: embedded data, CPU
     python -m mimbench.chain regression [--update]                      # `make regression`: CI size vs baseline

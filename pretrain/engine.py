@@ -3,9 +3,10 @@
 A method is an ``nn.Module`` whose ``forward(images)`` returns ``(loss, parts)``; it may define
 ``after_micro_batch(micro_batch)`` (RC-MAE's EMA teacher: called after every micro-batch, with where it stands in
 the run, `mimbench.pretrain.rcmae.MicroBatch`), and defines ``visualize(images)`` and ``export_encoder()``.
-Training with labels (`mimbench.pretrain.supervised`) is a `Trainer` subclass that overrides only the hooks marked
-as such below (its config, data, model, optimizer groups, loss of a micro-batch, end of epoch, what it exports);
-the loader's batches are ``(*inputs, unreadable)`` for every trainer. Everything else lives here:
+Training with labels (`mimbench.pretrain.supervised`) is a `Trainer` subclass: it overrides the hooks of the section
+"what a subclass may override" (config, data, model, optimizer groups, the loss of a micro-batch, the end of an
+epoch, what is exported) and the class's lr reference batch and betas, and extends ``state``/``load_state`` and
+``export``; the loader's batches are ``(*inputs, unreadable)`` for every trainer. Everything else lives here:
 
 - distributed: ``torchrun`` env:// with DDP (NCCL on GPU, gloo on CPU); only rank 0 writes;
 - AdamW (β 0.9/0.95) with MAE's weight-decay groups (`weight_decay_groups`), lr = base_lr · effective batch / 256,
