@@ -63,6 +63,7 @@ def test_the_recipe_is_deits_and_drop_path_is_per_arch(digits):
     assert (recipe.epochs, recipe.warmup_epochs, recipe.base_lr, recipe.weight_decay) == (300, 5, 5e-4, 0.05)
     assert (recipe.label_smoothing, recipe.mixup, recipe.cutmix, recipe.random_erasing) == (0.1, 0.8, 1.0, 0.25)
     assert recipe.auto_augment == "rand-m9-mstd0.5-inc1" and recipe.repeated_augmentation == 3
+    assert (recipe.batch_size, recipe.total_batch_size) == (128, 1024)  # DeiT's 8 GPUs, by accumulation on fewer
     assert recipe.arch == "mpvit_small" and recipe.drop_path_rate == DROP_PATH["mpvit_small"] == 0.05
     assert parse_args(["--data-root", str(digits), "--arch", "mpvit_base"]).recipe.drop_path_rate == 0.3
 
