@@ -1,4 +1,5 @@
-"""The whole chain on one command: pretrain MAE, RC-MAE and MixedAE, transfer every encoder, build the tables.
+"""The whole chain on one command: pretrain MAE, RC-MAE and MixedAE (the demo also trains its small MPViT and ViT
+with labels, `SUPERVISED`), transfer every encoder, build the tables.
 
     python -m mimbench.chain demo [--out runs/demo] [--fresh]           # `make demo`: embedded data, CPU
     python -m mimbench.chain regression [--update]                      # `make regression`: CI size vs baseline
@@ -75,15 +76,22 @@ class ChainSize:
 
 
 SIZES: dict[str, ChainSize] = {
-    # Per method: 48 pretraining steps; the whole digits set probed, 4 fine-tuning epochs at the recipe's best
-    # lr; 80 detector and 50 segmentor iterations (12.4 minutes on 2 cores, two steps at a time).
+    # Per method: 48 pretraining steps; per encoder (the methods' and SUPERVISED's): the whole digits set probed,
+    # 3 fine-tuning epochs at the recipe's best lr, 40 detector and 30 segmentor iterations (trimmed from 4, 80 and
+    # 50 when the supervised encoders joined, so the demo stays within its minutes: README).
     "demo": ChainSize(pretrain_epochs=3, pretrain_warmup_epochs=1, samples_per_epoch=1024, linear=[],
-                      finetune=["--epochs", "4", "--base-lr", "1e-2"], coco_iters=80, ade_iters=50),
+                      finetune=["--epochs", "3", "--base-lr", "1e-2"], coco_iters=40, ade_iters=30),
     # Per method: 16 pretraining steps, 30 digits a class, 40 detector and 30 segmentor iterations.
     "ci": ChainSize(pretrain_epochs=2, pretrain_warmup_epochs=1, samples_per_epoch=512,
                     linear=["--per-class", "30"], finetune=["--per-class", "30", "--epochs", "3", "--base-lr", "1e-2"],
                     coco_iters=40, ade_iters=30),
 }
+
+# Backbones trained with labels beside the methods (pretrain/supervised.py's embedded_cpu recipe on the embedded
+# digits for the given epochs of 22 steps), each then through the same downstream steps: the demo's small MPViT
+# and its ViT (fewer epochs: a step over all 64 tokens costs ~4x MAE's over a quarter of them). The CI size has
+# none: it is the regression's plan.
+SUPERVISED: dict[str, dict[str, int]] = {"demo": {"mpvit_nano_cpu": 4, "vit_tiny_patch4_32": 2}}
 
 # Where --data-root's benchmarks are expected; a missing one is skipped (and said so).
 REAL_LAYOUT = """<data-root>/coco/{train2017,val2017,annotations/instances_{train,val}2017.json}
@@ -109,9 +117,16 @@ def python_script(script: str, *args: str) -> list[str]:
     return [sys.executable, str(ROOT / script), *args]
 
 
+def supervised_encoder(arch: str) -> str:
+    """The name (and folder) of the encoder trained with labels for ``arch``."""
+    return f"supervised-{arch}"
+
+
 def plan(size: ChainSize, out: Path, data_root: Path | None = None,
-         methods: Sequence[str] = METHODS, precision: str | None = None) -> list[Step]:
-    """Every step of the chain, in order. Pretraining is always on the embedded photos; downstream runs on the
+         methods: Sequence[str] = METHODS, precision: str | None = None,
+         supervised: dict[str, int] | None = None) -> list[Step]:
+    """Every step of the chain, in order. Pretraining is always on the embedded photos, and for each arch of
+    ``supervised`` (its epochs) with labels on the embedded digits; downstream runs for every encoder on the
     embedded sets, or with ``data_root`` on the fixed small subsets of each real benchmark found there.
     ``precision`` (auto | fp32 | bf16) goes to every training and evaluation step; None leaves each its default."""
     out = Path(out)
@@ -127,7 +142,17 @@ def plan(size: ChainSize, out: Path, data_root: Path | None = None,
             str(out / "datasets" / "photos-embedded"), "--epochs", str(size.pretrain_epochs),
             "--warmup-epochs", str(size.pretrain_warmup_epochs), "--samples-per-epoch", str(size.samples_per_epoch),
             "--seed", seed, *computed, "--out", str(out / method)), out / method))
-    for method in methods:
+    encoders = list(methods)
+    for arch, epochs in (supervised or {}).items():
+        name = supervised_encoder(arch)
+        # The first run writes the labelled set; the others wait for it rather than race it.
+        first = (f"pretrain {encoders[len(methods)]}",) if len(encoders) > len(methods) else ()
+        steps.append(Step(f"pretrain {name}", python_script(
+            "pretrain/run.py", "--method", "supervised", "--embedded", "--data-root",
+            str(out / "datasets" / "digits-labelled"), "--arch", arch, "--epochs", str(epochs), "--seed", seed,
+            "--results", store, *computed, "--out", str(out / name)), out / name, after=first))
+        encoders.append(name)
+    for method in encoders:
         ckpt = str(out / method / "encoder.safetensors")
         common = ["--ckpt", ckpt, "--results", store, "--seed", seed, *computed]
         if data_root is None:
@@ -156,7 +181,7 @@ def plan(size: ChainSize, out: Path, data_root: Path | None = None,
                 continue
             folder = out / task / method
             # The first run of a task writes its embedded set; the others wait for it rather than race it.
-            first = () if method == methods[0] or data_root is not None else (f"{task} {methods[0]}",)
+            first = () if method == encoders[0] or data_root is not None else (f"{task} {encoders[0]}",)
             steps.append(Step(f"{task} {method}", python_script(
                 "transfer/run.py", task, *common, *data, *iterations, "--out", str(folder)), folder,
                 after=(f"pretrain {method}", *first)))
@@ -475,7 +500,8 @@ def _run_chain(options: ChainOptions, log: Any) -> list[Step]:
     size = replace(SIZES[options.size], seed=options.seed)
     if options.data_root is not None and not options.data_root.is_dir():
         raise ChainError(f"--data-root {options.data_root}: not a directory; expected\n{REAL_LAYOUT}")
-    steps = plan(size, options.out, options.data_root, options.methods, options.precision)
+    steps = plan(size, options.out, options.data_root, options.methods, options.precision,
+                 SUPERVISED.get(options.size))
     if options.data_root is not None:
         found = [name for name in (*CLASSIFICATION_DATASETS, "coco", "ADEChallengeData2016")
                  if (options.data_root / name).is_dir()]
@@ -503,19 +529,24 @@ SUMMARY_COLUMNS = (("digits", "linear", "top1", "digits linear top-1"),
 
 
 def side_by_side(store: Path) -> str:
-    """Our methods as rows, the embedded runs' headline metrics as columns, MixedAE / RC-MAE deltas vs MAE."""
+    """Our encoders as rows (a method trained on several archs: one row per arch), the embedded runs' headline
+    metrics as columns, the others' deltas vs MAE."""
     import pandas as pd
 
     from mimbench.results import read_results
     from mimbench.tables.layout import METHOD_NAMES
 
     records, _ = read_results(store)
+    archs: dict[str | None, set[str | None]] = {}
+    for record in records:
+        archs.setdefault(record.method, set()).add(record.arch)
     cells: dict[str, dict[str, float]] = {}
     for record in records:
+        name = METHOD_NAMES.get(record.method or "", record.method)
+        row = f"{name} {record.arch}" if len(archs[record.method]) > 1 else name
         for dataset, protocol, metric, header in SUMMARY_COLUMNS:
             if (record.dataset, record.protocol) == (dataset, protocol) and metric in record.metrics:
-                cells.setdefault(METHOD_NAMES.get(record.method or "", record.method), {})[header] = \
-                    record.metrics[metric]
+                cells.setdefault(row, {})[header] = record.metrics[metric]
     frame = pd.DataFrame.from_dict(cells, orient="index")
     frame = frame[[header for *_, header in SUMMARY_COLUMNS if header in frame.columns]]
     if "MAE" in frame.index:
@@ -524,17 +555,20 @@ def side_by_side(store: Path) -> str:
     return frame.to_markdown(floatfmt=".1f")
 
 
-def final_screen(out: Path, methods: Sequence[str]) -> str:
+def final_screen(out: Path, encoders: Sequence[str]) -> str:
     tables = out / "tables"
-    shown = ["Our methods on the embedded sets (same ViT, same budget; a demo of the pipeline, not the paper's "
-             "benchmarks):\n\n" + side_by_side(out / "results.jsonl")]
+    supervised = [name for name in encoders if name.startswith(supervised_encoder(""))]
+    labelled = (" The supervised encoders were trained with labels on these digits, so their digits rows are not a "
+                "transfer.") if supervised else ""
+    shown = ["Our encoders on the embedded sets (the methods on the same ViT with the same budget; a demo of the "
+             f"pipeline, not the paper's benchmarks).{labelled}\n\n" + side_by_side(out / "results.jsonl")]
     for name, title in (("main", "The paper's main table"), ("transfer", "The paper's transfer table")):
         if (tables / f"{name}.md").is_file():
             shown.append(f"{title} (our rows appear once the real benchmarks are run):\n\n"
                          + (tables / f"{name}.md").read_text().rstrip())
     where = [f"Everything is under {out}/:",
              f"  pretraining     {out}/<method>/  (checkpoints/, encoder.safetensors, cost.json, figures/, "
-             f"tensorboard/) for {', '.join(methods)}",
+             f"tensorboard/) for {', '.join(encoders)}",
              f"  TensorBoard     tensorboard --logdir {out}",
              f"  classification  {out}/transfer/<dataset>/<protocol>/<method>/",
              f"  Mask R-CNN      {out}/coco/<method>/  (visualizations/, metrics.json, model_final.pth)",
@@ -547,7 +581,8 @@ def final_screen(out: Path, methods: Sequence[str]) -> str:
 def demo(options: ChainOptions) -> int:
     started = time.perf_counter()
     run_chain(options)
-    print("\n" + final_screen(options.out, options.methods))
+    supervised = [supervised_encoder(arch) for arch in SUPERVISED.get(options.size, {})]
+    print("\n" + final_screen(options.out, [*options.methods, *supervised]))
     print(f"\nchain finished in {(time.perf_counter() - started) / 60:.1f} min "
           f"(a second run reuses every finished step; --fresh starts over)")
     return 0

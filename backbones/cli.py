@@ -10,8 +10,10 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from tabulate import tabulate
@@ -28,15 +30,26 @@ from mimbench.backbones.vit import ARCHS, backbone_archs, count_parameters, crea
 from mimbench.core.io import git_commit
 
 
+@functools.cache  # a record asks once per run; counting builds the model (on the meta device) and runs it
 def forward_gflops(arch: str, num_classes: int = 0) -> tuple[int, float]:
     """Parameters and forward GFLOPs of one image, counting a multiply-add as one FLOP (as ViT papers do); a
-    hierarchical backbone at 224²."""
+    hierarchical backbone at 224². The one count of both: the summary, the records and the exports use it."""
     with torch.device("meta"):
         model = create_backbone(arch, num_classes=num_classes)
         size = ARCHS[arch]["img_size"] if arch in ARCHS else 224
         with FlopCounterMode(display=False) as counter:
             model(torch.empty(1, 3, size, size))
     return count_parameters(model), counter.get_total_flops() / 2 / 1e9
+
+
+def backbone_size(arch: str) -> dict[str, Any]:
+    """``params`` and ``gflops`` of a backbone as records and export metadata carry them: the headless backbone's
+    parameters and the GFLOPs of one forward at its eval input size (`forward_gflops`, cached per arch); None
+    for an arch the registry does not know."""
+    if arch not in backbone_archs():
+        return {"params": None, "gflops": None}
+    params, gflops = forward_gflops(arch)
+    return {"params": params, "gflops": round(gflops, 4)}
 
 
 def summary_table(archs: list[str]) -> str:

@@ -35,6 +35,8 @@ class Result:
     checkpoint_sha256: str | None = None
     method: str | None = None  # from the checkpoint's metadata (or --method for foreign checkpoints)
     arch: str | None = None
+    params: int | None = None  # the backbone's parameters, without a head (`mimbench.backbones.cli.backbone_size`)
+    gflops: float | None = None  # one forward of the backbone at its eval input size, a multiply-add = 1 FLOP
     pretrain_epochs: float | None = None
     pretrain_gpu_days: float | None = None
     tags: dict[str, str] = field(default_factory=dict)
@@ -87,9 +89,12 @@ def checkpoint_fields(path: str | os.PathLike, metadata: Any = None, sha256: str
 def build_result(*, task: str, dataset: str, protocol: str, metric: str, metrics: dict[str, float],
                  checkpoint: str | os.PathLike, metadata: Any, sha256: str | None, method: str | None,
                  arch: str | None, seed: int | None, config: dict[str, Any], started: float, device: Any,
-                 dtype: Any, tags: dict[str, str] | None = None) -> Result:
-    """A record with everything the store wants: the metrics, the checkpoint's fields, the run's config, wall time
-    since ``started`` (``time.perf_counter()``), peak memory, device, precision and where the run happened."""
+                 dtype: Any, tags: dict[str, str] | None = None, params: int | None = None,
+                 gflops: float | None = None) -> Result:
+    """A record with everything the store wants: the metrics, the checkpoint's fields, the backbone's size
+    (``params``, ``gflops``: `mimbench.backbones.cli.backbone_size` of the arch the run built), the run's config,
+    wall time since ``started`` (``time.perf_counter()``), peak memory, device, precision and where the run
+    happened."""
     import torch
 
     from mimbench.core.runtime import compute_settings, peak_memory_gb  # torch: not for readers of the store
@@ -99,7 +104,7 @@ def build_result(*, task: str, dataset: str, protocol: str, metric: str, metrics
     return Result(task=task, dataset=dataset, protocol=protocol, metric=metric, value=round(metrics[metric], 4),
                   metrics=metrics, tags=dict(tags or {}), seed=seed, config=config,
                   wall_time_s=round(time.perf_counter() - started, 1), precision=compute["precision"],
-                  compute=compute, peak_memory_gb=round(peak_memory_gb(device), 3),
+                  compute=compute, peak_memory_gb=round(peak_memory_gb(device), 3), params=params, gflops=gflops,
                   **checkpoint_fields(checkpoint, metadata, sha256, method=method, arch=arch),
                   **run_environment(device))
 

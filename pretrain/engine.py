@@ -3,7 +3,10 @@
 A method is an ``nn.Module`` whose ``forward(images)`` returns ``(loss, parts)``; it may define
 ``after_micro_batch(micro_batch)`` (RC-MAE's EMA teacher: called after every micro-batch, with where it stands in
 the run, `mimbench.pretrain.rcmae.MicroBatch`), and defines ``visualize(images)`` and ``export_encoder()``.
-Everything else lives here:
+Training with labels (`mimbench.pretrain.supervised`) is a `Trainer` subclass: it overrides the hooks of the section
+"what a subclass may override" (config, data, model, optimizer groups, the loss of a micro-batch, the end of an
+epoch, what is exported) and the class's lr reference batch and betas, and extends ``state``/``load_state`` and
+``export``; the loader's batches are ``(*inputs, unreadable)`` for every trainer. Everything else lives here:
 
 - distributed: ``torchrun`` env:// with DDP (NCCL on GPU, gloo on CPU); only rank 0 writes;
 - AdamW (β 0.9/0.95) with MAE's weight-decay groups (`weight_decay_groups`), lr = base_lr · effective batch / 256,
@@ -54,6 +57,7 @@ from mimbench.backbones.checkpoint import (
     read_checkpoint,
     save_backbone,
 )
+from mimbench.backbones.cli import backbone_size
 from mimbench.backbones.vit import ARCHS
 from mimbench.core.config import RunSpec, from_dict, to_dict
 from mimbench.core.errors import ConfigError, DatasetError, TrainingDiverged
@@ -260,21 +264,21 @@ def denormalize(images: torch.Tensor) -> torch.Tensor:
 
 
 class Trainer:
+    lr_reference_batch = 256  # lr = base_lr * effective batch / this (MAE)
+    betas = (0.9, 0.95)  # AdamW's (MAE)
+    harmless_on_resume = HARMLESS_ON_RESUME
+
     def __init__(self, config: PretrainConfig) -> None:
-        self.config = config = resolve(config)
+        self.config = config = self.resolve(config)
         run, recipe = config.run, config.recipe
         self.out = Path(run.out)
         self.dist = init_distributed(run.device)
         self.device = self.dist.device
         self.dtype = autocast_dtype(self.device, run.precision)
 
-        objects = CentricObjectRule(recipe.object_center_region, recipe.object_min_cover) if recipe.object_aware \
-            else None
-        self.dataset = build_pretrain_dataset(run.data_root, ARCHS[recipe.arch]["img_size"], seed=run.seed,
-                                              object_aware=objects,
-                                              samples_per_epoch=recipe.samples_per_epoch)
+        self.dataset = self.build_dataset()
         torch.manual_seed(run.seed)  # identical initial weights on every rank
-        self.model = build_method(config).to(self.device)
+        self.model = self.build_model().to(self.device)
         self.sampler = ShardedSampler(len(self.dataset), self.dist.world_size, self.dist.rank, seed=run.seed,
                                       batch_size=recipe.batch_size)
         self.accum_steps = accumulation_steps(recipe, self.dist.world_size)
@@ -285,7 +289,8 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * recipe.epochs
         self.effective_batch = recipe.batch_size * self.accum_steps * self.dist.world_size
         # MixedAE may count mixed images instead of source images (its lr_batch switch).
-        self.peak_lr = recipe.base_lr * (self.effective_batch * getattr(self.model, "lr_batch_share", 1)) / 256
+        self.peak_lr = recipe.base_lr * (self.effective_batch * getattr(self.model, "lr_batch_share", 1)) / \
+            self.lr_reference_batch
 
         self.ddp = self.model
         if self.dist.world_size > 1:
@@ -293,14 +298,51 @@ class Trainer:
                                                else None)
         compile_model = recipe.compile if recipe.compile is not None else self.device.type == "cuda"
         self.forward = torch.compile(self.ddp) if compile_model else self.ddp
-        self.optimizer = torch.optim.AdamW(weight_decay_groups(self.model, recipe.weight_decay), lr=self.peak_lr,
-                                           betas=(0.9, 0.95))
+        self.optimizer = torch.optim.AdamW(self.parameter_groups(), lr=self.peak_lr, betas=self.betas)
 
         self.step = 0  # optimizer steps done
         self.wall_seconds = 0.0  # across every segment of a resumed run
         self.images_seen = 0
         self.unreadable: set[int] = set()  # indices of the image files found unreadable so far
         self.writer = None
+        self.metadata: CheckpointMetadata | None = None  # the export's, once written
+
+    # ------------------------------------------------------------------- what a subclass may override
+
+    def resolve(self, config: PretrainConfig) -> PretrainConfig:
+        return resolve(config)
+
+    def build_dataset(self) -> Any:
+        """The training set: samples ``(*inputs, unreadable)``, ``set_epoch`` and a ``description``."""
+        recipe = self.config.recipe
+        objects = CentricObjectRule(recipe.object_center_region, recipe.object_min_cover) if recipe.object_aware \
+            else None
+        return build_pretrain_dataset(self.config.run.data_root, ARCHS[recipe.arch]["img_size"],
+                                      seed=self.config.run.seed, object_aware=objects,
+                                      samples_per_epoch=recipe.samples_per_epoch)
+
+    def build_model(self) -> nn.Module:
+        return build_method(self.config)
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        return weight_decay_groups(self.model, self.config.recipe.weight_decay)
+
+    def micro_batch_loss(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The loss of one micro-batch (the loader's inputs), with its random state already seeded."""
+        with autocast(self.device, self.dtype):
+            return self.forward(images.to(self.device, non_blocking=True))
+
+    def finish_epoch(self, epoch: int) -> None:
+        """After an epoch's last step, before its checkpoint: the unreadable count and a figure."""
+        if self.dist.is_main:
+            if self.unreadable:
+                print(f"epoch {epoch}: {len(self.unreadable)} unreadable image file(s) skipped so far, "
+                      f"{len(self.unreadable) / len(self.dataset):.3%} of {len(self.dataset)}", flush=True)
+            self.save_figure(epoch)
+
+    def exported(self) -> tuple[Any, dict[str, Any]]:
+        """What `export` writes: the encoder (a module or its tensors) and the metadata's own extra fields."""
+        return self.model.export_encoder(), {}
 
     # ----------------------------------------------------------------------------------------- state
 
@@ -332,21 +374,24 @@ class Trainer:
         before any of them reads a checkpoint."""
         return start_run_on_rank0(self.dist.world_size, self.dist.rank, self.out, to_dict(self.config),
                                   resume=self.config.run.resume, holds_run=self.holds_run(),
-                                  harmless=HARMLESS_ON_RESUME)
+                                  harmless=self.harmless_on_resume)
 
     def resume(self) -> Path | None:
         """Continue from the newest checkpoint in ``out/checkpoints`` if there is one."""
         paths = checkpoint_paths(self.out)
         if not paths:
             return None
-        state, _ = read_checkpoint(paths[-1])
+        self.load_state(read_checkpoint(paths[-1])[0])
+        return paths[-1]
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """The inverse of `state`."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
         self.wall_seconds = state["wall_seconds"]
         self.images_seen = state["images_seen"]
         self.unreadable = set(state.get("unreadable", ()))  # checkpoints older than the count have none
-        return paths[-1]
 
     def initialize(self) -> str | None:
         """Load ``init`` (a full pretraining checkpoint) into the model, on every process; its description."""
@@ -395,8 +440,7 @@ class Trainer:
         # A context, so a run stopped mid-epoch ends the bar's line before its error line.
         with tqdm(total=self.steps_per_epoch, initial=start_in_epoch, desc=f"epoch {epoch}",
                   disable=not self.dist.is_main, dynamic_ncols=True) as progress:
-            for images, skipped in loader:
-                images = images.to(self.device, non_blocking=True)
+            for *inputs, skipped in loader:
                 unreadable += skipped[skipped >= 0].tolist()
                 last_micro = (micro + 1) % micro_per_step == 0
                 lr = learning_rate(self.step / self.steps_per_epoch, recipe, self.peak_lr)
@@ -406,8 +450,7 @@ class Trainer:
                 torch.manual_seed(micro_batch_seed(run.seed, global_micro))
                 sync = contextlib.nullcontext() if last_micro or self.ddp is self.model else self.ddp.no_sync()
                 with sync:
-                    with autocast(self.device, self.dtype):
-                        loss, parts = self.forward(images)
+                    loss, parts = self.micro_batch_loss(*inputs)
                     self.check_finite(loss, epoch)
                     (loss / micro_per_step).backward()
                 index_in_epoch = start_in_epoch * micro_per_step + micro
@@ -434,12 +477,8 @@ class Trainer:
                 if self.step % self.steps_per_epoch == 0:
                     break
         self.wall_seconds += time.perf_counter() - segment_start
+        self.finish_epoch(epoch)
         self.save()
-        if self.dist.is_main:
-            if self.unreadable:
-                print(f"epoch {epoch}: {len(self.unreadable)} unreadable image file(s) skipped so far, "
-                      f"{len(self.unreadable) / len(self.dataset):.3%} of {len(self.dataset)}", flush=True)
-            self.save_figure(epoch)
 
     def after_micro_batch(self, index_in_epoch: int, stepped: bool) -> dict[str, float]:
         """The method's hook after each micro-batch (RC-MAE's teacher update), if it has one; what it logs."""
@@ -514,16 +553,20 @@ class Trainer:
         }
 
     def export(self) -> Path:
-        """Encoder-only safetensors with metadata (method, arch, epochs, data, cost) for every downstream task."""
+        """Encoder-only safetensors with metadata (method, arch, epochs, data, cost, the backbone's params and
+        GFLOPs) for every downstream task."""
         path = self.out / "encoder.safetensors"
         if not self.dist.is_main:
             return path
         cost = self.cost()
         method = getattr(self.model, "export_method", self.config.run.method)  # e.g. MixedAE's Full variants
-        metadata = CheckpointMetadata(method=method, arch=self.config.recipe.arch,
-                                      epochs=self.step / self.steps_per_epoch, data=self.dataset.description,
-                                      git_commit=git_commit(), extra={"cost": cost, "config": to_dict(self.config)})
-        save_backbone(path, self.model.export_encoder(), metadata)
+        arch = self.config.recipe.arch
+        encoder, extra = self.exported()
+        self.metadata = CheckpointMetadata(
+            method=method, arch=arch, epochs=self.step / self.steps_per_epoch, data=self.dataset.description,
+            git_commit=git_commit(),
+            extra={"cost": cost, **backbone_size(arch), **extra, "config": to_dict(self.config)})
+        save_backbone(path, encoder, self.metadata)
         atomic_write(self.out / "cost.json", lambda tmp: tmp.write_text(json.dumps(cost, indent=2) + "\n"))
         self.writer.close()
         print(f"encoder: {path}\ncost: {json.dumps(cost)}", flush=True)

@@ -82,7 +82,7 @@ def print_config(config: PretrainConfig) -> None:
 
 
 def train(argv: list[str] | None) -> object:
-    if chosen_method(argv) == "supervised":  # labels, not reconstruction: its own loop (pretrain/supervised.py)
+    if chosen_method(argv) == "supervised":  # labels: its own config and the engine's Trainer subclass
         from mimbench.pretrain import supervised
 
         return supervised.SupervisedTrainer(supervised.parse_args(argv)).train()

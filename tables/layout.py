@@ -75,7 +75,7 @@ def transfer_columns(protocol: str = TRANSFER_PROTOCOL) -> tuple[Column, ...]:
 # The MPViT paper's table (Lee et al., CVPR 2022, Tables 2-4): supervised ImageNet-1K top-1 at 224², Mask R-CNN
 # 1x and 3x multi-scale box/mask AP, UperNet 160k mIoU; params and GFLOPs per size.
 MPVIT_COLUMNS: tuple[Column, ...] = (
-    Column("params_m", "Params (M)", "Params (M)", "", ""),  # from the arch, not from a record
+    Column("params_m", "Params (M)", "Params (M)", "", ""),  # the records' backbone size, else MPVIT_SIZES
     Column("gflops_224", "GFLOPs", "GFLOPs", "", ""),
     Column("imagenet_top1", "ImageNet top-1", "ImageNet top-1", "classification", "imagenet", "top1"),
     Column("coco_maskrcnn_1x_ap_bb", "COCO 1x AP^bb", "1$\\times$ AP$^{bb}$", "detection", "coco", "AP_bbox",
@@ -95,6 +95,10 @@ MPVIT_SIZES: dict[str, tuple[int, float]] = {
     "mpvit_tiny": (5_843_736, 1.636), "mpvit_xsmall": (10_573_448, 2.95), "mpvit_small": (22_892_400, 4.771),
     "mpvit_base": (74_845_976, 16.39), "mpvit_nano_cpu": (368_744, 0.184),
 }
+# The 1000-class head (last stage's width x 1000 weights + 1000 biases) that the table's counts include and a
+# record's ``params`` (the backbone alone) does not.
+MPVIT_HEAD_PARAMS: dict[str, int] = {"mpvit_tiny": 217_000, "mpvit_xsmall": 257_000, "mpvit_small": 289_000,
+                                     "mpvit_base": 481_000, "mpvit_nano_cpu": 65_000}
 # The RC-MAE paper's numbers (Lee et al., ICLR 2023) where our columns fit; its COCO is Mask R-CNN + FPN with a
 # ViT (Li et al. 2021), not ViTDet, so it has a table of its own.
 RCMAE_COLUMNS: tuple[Column, ...] = (

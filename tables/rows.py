@@ -177,16 +177,22 @@ def paper_rows(reference_dir: Path = REFERENCE_DIR) -> dict[str, list[Row]]:
 
 
 def mpvit_rows(records: Iterable[Result]) -> list[Row]:
-    """Our rows of the MPViT table: every MPViT record's cells there, with the size's params and GFLOPs."""
+    """Our rows of the MPViT table: every MPViT record's cells there, with the size's params (1000-class head
+    included, as the paper counts them) and GFLOPs: the records' own where they carry them, else the tested
+    constants of `layout.MPVIT_SIZES`."""
     values: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    sizes: dict[tuple, tuple[float, float]] = {}
     for record in records:
         if record.arch in layout.MPVIT_SIZES:
             for column in layout.MPVIT_COLUMNS:
                 if (value := column.value_of(record)) is not None:
                     values[setting_of(record)][column.key].append(value)
+            if record.params is not None and record.gflops is not None:
+                sizes[setting_of(record)] = (record.params + layout.MPVIT_HEAD_PARAMS[record.arch], record.gflops)
     rows = []
-    for (method, epochs, arch, tags), by_key in values.items():
-        params, gflops = layout.MPVIT_SIZES[arch]  # as the paper counts them
+    for setting, by_key in values.items():
+        method, epochs, arch, tags = setting
+        params, gflops = sizes.get(setting, layout.MPVIT_SIZES[arch])
         cells = {"params_m": Cell(params / 1e6), "gflops_224": Cell(gflops),
                  **{key: Cell.of(found) for key, found in by_key.items()}}
         rows.append(Row(layout.OURS, method, epochs, arch, tags, cells=cells))

@@ -139,6 +139,56 @@ def test_plan_on_embedded_data(tmp_path):
     assert all("--embedded" in step.command for step in steps if "--data-root" in step.command)
 
 
+def test_the_demo_adds_the_supervised_encoders_and_the_ci_plan_is_the_regressions(tmp_path):
+    """The demo trains the small MPViT and ViT with labels and puts both through every downstream step; the CI
+    size, the regression's plan, is the three methods' chain with the baseline's sizes, nothing more."""
+    methods, tasks = chain.METHODS, ("digits linear", "digits finetune", "coco", "ade20k")
+    steps = plan(SIZES["demo"], tmp_path, supervised=chain.SUPERVISED["demo"])
+    names = [step.name for step in steps]
+    encoders = ["mae", "rcmae", "mixedae", "supervised-mpvit_nano_cpu", "supervised-vit_tiny_patch4_32"]
+    assert names == ["backbones: summary and a checkpoint round trip", *(f"pretrain {e}" for e in encoders),
+                     *(f"{task} {e}" for e in encoders for task in tasks), "tables"]
+    by_name = {step.name: step for step in steps}
+    mpvit, vit = by_name["pretrain supervised-mpvit_nano_cpu"], by_name["pretrain supervised-vit_tiny_patch4_32"]
+    for step, arch in ((mpvit, "mpvit_nano_cpu"), (vit, "vit_tiny_patch4_32")):
+        command = step.command
+        assert command[command.index("--method") + 1] == "supervised" and "--embedded" in command
+        assert command[command.index("--arch") + 1] == arch
+        assert command[command.index("--data-root") + 1] == str(tmp_path / "datasets" / "digits-labelled")
+        assert command[command.index("--epochs") + 1] == str(chain.SUPERVISED["demo"][arch])
+    assert mpvit.after == () and vit.after == (mpvit.name,)  # the first one writes the labelled set
+    coco = by_name["coco supervised-mpvit_nano_cpu"]
+    assert str(tmp_path / "supervised-mpvit_nano_cpu" / "encoder.safetensors") in coco.command
+    assert coco.after == ("pretrain supervised-mpvit_nano_cpu", "coco mae")
+
+    ci = plan(SIZES["ci"], tmp_path, supervised=chain.SUPERVISED.get("ci"))
+    assert [step.name for step in ci] == [
+        "backbones: summary and a checkpoint round trip", "pretrain mae", "pretrain rcmae", "pretrain mixedae",
+        *(f"{task} {m}" for m in methods for task in tasks), "tables"]
+    flags = {step.name: " ".join(step.command[2:]) for step in ci}
+    assert all("--epochs 2 --warmup-epochs 1 --samples-per-epoch 512 --seed 0" in flags[f"pretrain {m}"]
+               for m in methods)
+    assert all("--per-class 30 --epochs 3 --base-lr 1e-2" in flags[f"digits finetune {m}"] for m in methods)
+    assert all("--per-class 30 --out" in flags[f"digits linear {m}"] for m in methods)
+    assert all("--max-iter 40" in flags[f"coco {m}"] and "--max-iters 30" in flags[f"ade20k {m}"] for m in methods)
+
+
+def test_the_final_screen_has_a_row_per_encoder_and_says_the_supervised_ones_saw_the_digits(tmp_path):
+    from mimbench.results import Result, append_result
+
+    store = tmp_path / "results.jsonl"
+    for method, arch, top1 in (("mae", "vit_tiny_patch4_32", 90.0), ("supervised", "mpvit_nano_cpu", 60.0),
+                               ("supervised", "vit_tiny_patch4_32", 70.0)):
+        append_result(Result("classification", "digits", "linear", "top1", top1, {"top1": top1}, method=method,
+                             arch=arch), store)
+    screen = chain.final_screen(tmp_path, [*chain.METHODS, "supervised-mpvit_nano_cpu"])
+    rows = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in screen.splitlines()
+            if line.startswith("| ") and "top-1" not in line}
+    assert rows == {"MAE": 90.0, "Supervised mpvit_nano_cpu": 60.0, "Supervised vit_tiny_patch4_32": 70.0,
+                    "Supervised mpvit_nano_cpu − MAE": -30.0, "Supervised vit_tiny_patch4_32 − MAE": -20.0}
+    assert "trained with labels on these digits" in screen and "supervised-mpvit_nano_cpu" in screen
+
+
 def test_plan_on_real_subsets(tmp_path):
     for folder in ("cifar10", "coco", "unrelated"):
         (tmp_path / "data" / folder).mkdir(parents=True)

@@ -3,6 +3,7 @@ ADE20K UperNet, the digits linear probe; and the MPViT presets of the paper."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import pytest
 import torch
 
 from mimbench.backbones.checkpoint import CheckpointMetadata, save_backbone
-from mimbench.backbones.vit import create_backbone
+from mimbench.backbones.vit import count_parameters, create_backbone
+from mimbench.core.errors import ConfigError
 from mimbench.results import read_results
 from mimbench.transfer import ade20k, coco
 from mimbench.transfer.coco_data import write_embedded_coco
@@ -29,8 +31,11 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 def only_record(store: Path):
+    """The store's one record, which carries the backbone's size: its headless parameter count and its GFLOPs."""
     records, malformed = read_results(store)
     assert malformed == [] and len(records) == 1
+    assert records[0].params == count_parameters(create_backbone(NANO)) == 303_744
+    assert records[0].gflops == pytest.approx(0.1841, abs=1e-4)  # at 224², as the tables count MPViTs
     return records[0]
 
 
@@ -38,13 +43,30 @@ def test_the_papers_dense_presets():
     one_x, three_x = coco.PRESETS["mpvit_maskrcnn_1x"], coco.PRESETS["mpvit_maskrcnn_3x_ms"]
     assert (one_x.iterations, one_x.lr_steps, one_x.total_batch_size, one_x.lr, one_x.weight_decay) == \
         (90_000, (60_000, 80_000), 16, 1e-4, 0.05)
-    assert (one_x.clip_grad, one_x.drop_path, one_x.min_sizes, one_x.augmentation) == (1.0, 0.2, (800,), "resize")
+    assert (one_x.clip_grad, one_x.min_sizes, one_x.augmentation) == (1.0, (800,), "resize")
     assert (three_x.iterations, three_x.lr_steps, three_x.augmentation) == (270_000, (210_000, 250_000), "detr")
     assert three_x.min_sizes == tuple(range(480, 801, 32)) and three_x.detr_crop == (384, 600)
     seg = ade20k.PRESETS["mpvit_upernet_160k"]
-    assert (seg.lr, seg.weight_decay, seg.max_iters, seg.batch_size, seg.warmup_iters, seg.drop_path_rate) == \
-        (6e-5, 0.01, 160_000, 16, 1500, 0.2)
+    assert (seg.lr, seg.weight_decay, seg.max_iters, seg.batch_size, seg.warmup_iters) == \
+        (6e-5, 0.01, 160_000, 16, 1500)
     assert (seg.crop_size, seg.layer_decay, seg.head_channels, seg.test_mode) == (512, 1.0, 512, "whole")
+
+
+def test_the_dense_presets_drop_path_goes_by_the_backbones_size():
+    """The papers' per-size drop path (COCO T/XS 0.1, S 0.2, B 0.4; ADE20K S 0.2, B 0.4), a flag's value over it,
+    one line for a backbone the preset has none for."""
+    for name in ("mpvit_maskrcnn_1x", "mpvit_maskrcnn_3x_ms"):
+        rates = {arch: coco.resolve_drop_path(coco.PRESETS[name], arch).drop_path
+                 for arch in ("mpvit_tiny", "mpvit_xsmall", "mpvit_small", "mpvit_base")}
+        assert rates == {"mpvit_tiny": 0.1, "mpvit_xsmall": 0.1, "mpvit_small": 0.2, "mpvit_base": 0.4}, name
+    segmentation = ade20k.PRESETS["mpvit_upernet_160k"]
+    assert [ade20k.resolve_drop_path(segmentation, arch).drop_path_rate for arch in ("mpvit_small", "mpvit_base")] \
+        == [0.2, 0.4]
+    given = dataclasses.replace(coco.PRESETS["mpvit_maskrcnn_1x"], drop_path=0.3)
+    assert coco.resolve_drop_path(given, "mpvit_base").drop_path == 0.3
+    assert coco.resolve_drop_path(coco.PRESETS["embedded_cpu"], "mpvit_base").drop_path == 0.0
+    with pytest.raises(ConfigError, match="give --drop-path-rate"):
+        ade20k.resolve_drop_path(segmentation, "resnet18")
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ trivial baseline, a run stopped mid-epoch resumes exactly, the export is a headl
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,10 @@ import pytest
 import torch
 
 from mimbench.backbones.checkpoint import backbone_from_checkpoint
+from mimbench.backbones.cli import forward_gflops
+from mimbench.backbones.vit import count_parameters, create_backbone
 from mimbench.pretrain import run as pretrain_run
+from mimbench.pretrain.engine import checkpoint_paths
 from mimbench.pretrain.supervised import (
     DROP_PATH,
     PRESETS,
@@ -59,6 +63,7 @@ def test_the_recipe_is_deits_and_drop_path_is_per_arch(digits):
     assert (recipe.epochs, recipe.warmup_epochs, recipe.base_lr, recipe.weight_decay) == (300, 5, 5e-4, 0.05)
     assert (recipe.label_smoothing, recipe.mixup, recipe.cutmix, recipe.random_erasing) == (0.1, 0.8, 1.0, 0.25)
     assert recipe.auto_augment == "rand-m9-mstd0.5-inc1" and recipe.repeated_augmentation == 3
+    assert (recipe.batch_size, recipe.total_batch_size) == (128, 1024)  # DeiT's 8 GPUs, by accumulation on fewer
     assert recipe.arch == "mpvit_small" and recipe.drop_path_rate == DROP_PATH["mpvit_small"] == 0.05
     assert parse_args(["--data-root", str(digits), "--arch", "mpvit_base"]).recipe.drop_path_rate == 0.3
 
@@ -85,6 +90,8 @@ def test_loss_falls_and_top1_beats_the_trivial_baseline(digits, tmp_path):
     assert record.value == trainer.top1[-1] and record.config["preset"] == "embedded_cpu"
     model, report = backbone_from_checkpoint(path)
     assert model.arch == "mpvit_nano_cpu" and report.metadata.method == "supervised"
+    assert record.params == report.metadata.extra["params"] == count_parameters(model) == 303_744
+    assert record.gflops == report.metadata.extra["gflops"] == round(forward_gflops("mpvit_nano_cpu")[1], 4)
     assert report.missing == [] and not any(k.startswith("cls_head") for k in report.loaded)
 
 
@@ -114,6 +121,25 @@ def test_a_run_stopped_mid_epoch_resumes_exactly(digits, tmp_path):
     for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
     assert resumed.top1 == whole.top1
+    # the engine's resumable checkpoint: the classifier's own state dict (what the landscape study loads), the run's
+    # config and the top-1 so far
+    state = torch.load(checkpoint_paths(tmp_path / "parts")[-1], weights_only=False)
+    assert list(state["model"]) == list(create_backbone("mpvit_nano_cpu", num_classes=10).state_dict())
+    assert json.loads(state["config"])["run"]["method"] == "supervised" and state["top1"] == whole.top1
+
+
+def test_an_unreadable_image_is_skipped_with_its_neighbour_standing_in(digits, tmp_path):
+    root = small_digits(digits, tmp_path / "small", per_class=1)
+    broken = sorted((root / "train" / "3").iterdir())[0]
+    broken.write_bytes(b"not a png")
+    trainer = SupervisedTrainer(config(root, tmp_path / "run", batch_size=8))
+    order = [trainer.dataset.folder.samples[int(i)][0] for i in trainer.dataset.order]
+    index = order.index(str(broken))
+    with pytest.warns(UserWarning, match="cannot read image"):
+        image, label, unreadable = trainer.dataset[index]
+    assert unreadable == index and label == trainer.dataset.folder.samples[
+        int(trainer.dataset.order[(index + 1) % len(order)])][1]
+    assert trainer.dataset[(index + 1) % len(order)][2] == -1 and image.shape == (3, 32, 32)
 
 
 def test_the_pretrain_entry_point_takes_supervised_and_a_bad_root_is_one_line(tmp_path, capsys):

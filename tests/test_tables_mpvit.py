@@ -3,6 +3,8 @@ supervised method in the main table."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pandas as pd
 import pytest
 
@@ -58,6 +60,16 @@ def test_rcmae_reference_rows_and_the_supervised_row_in_the_main_table():
     assert without == ["main", "transfer", "other"]
 
 
+def test_mpvit_rows_take_the_records_backbone_size_with_the_papers_head():
+    """A record's params are the backbone's alone; the table counts the 1000-class head as the paper does."""
+    sized = dataclasses.replace(coco("mpvit_maskrcnn_1x", 46.0, 42.0, arch="mpvit_tiny"), params=10_000_000,
+                                gflops=3.33)
+    frame = by_name(build_tables([sized, coco("mpvit_maskrcnn_1x", 46.0, 42.0, arch="mpvit_xsmall")]))["mpvit"]
+    ours = frame.frame.map(render.text).set_index("Arch").loc[["mpvit_tiny", "mpvit_xsmall"]]
+    assert list(ours["Params (M)"]) == ["10.2", "10.6"]  # 10,000,000 + 217,000; the tested constant
+    assert list(ours["GFLOPs"]) == ["3.3", "3.0"]
+
+
 @pytest.mark.parametrize("name", ["mpvit", "rcmae"])
 def test_latex_of_the_new_tables_has_one_cell_per_column(name):
     table = by_name(build_tables([coco("mpvit_maskrcnn_1x", 46.0, 42.0)]))[name]
@@ -71,8 +83,9 @@ def test_latex_of_the_new_tables_has_one_cell_per_column(name):
 @pytest.mark.slow  # an end-to-end run of several seconds: `make test` only
 def test_the_tables_mpvit_sizes_are_the_models_own_counts():
     from mimbench.backbones.cli import forward_gflops
-    from mimbench.tables.layout import MPVIT_SIZES
+    from mimbench.tables.layout import MPVIT_HEAD_PARAMS, MPVIT_SIZES
 
     for arch, (params, gflops) in MPVIT_SIZES.items():
         counted_params, counted_gflops = forward_gflops(arch, num_classes=1000)
         assert counted_params == params and counted_gflops == pytest.approx(gflops, abs=5e-3), arch
+        assert params - forward_gflops(arch)[0] == MPVIT_HEAD_PARAMS[arch], arch

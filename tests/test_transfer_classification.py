@@ -20,7 +20,7 @@ from timm.optim import Lars
 from torch.utils.data import Subset
 
 from mimbench.backbones.checkpoint import CheckpointMetadata, save_backbone
-from mimbench.backbones.vit import create_backbone
+from mimbench.backbones.vit import count_parameters, create_backbone
 from mimbench.core.config import to_dict
 from mimbench.core.errors import TrainingDiverged
 from mimbench.core.io import file_sha256
@@ -136,6 +136,9 @@ def test_per_class_fine_tuning_trains_on_the_train_and_val_slices(tmp_path, chec
     (result,) = records(store)
     assert result.config["images"] == {"trainval": 40, "test": 20}  # train slice + val slice; test slice
     assert result.tags == {"subset": "per_class2"}
+    # the backbone's size: the headless ViT's parameters, GFLOPs of one 32² forward (multiply-add = 1)
+    assert result.params == count_parameters(create_backbone("vit_tiny_patch4_32")) == 5_360_832
+    assert result.gflops == pytest.approx(0.3651, abs=1e-4)
 
 
 def test_pooled_features_are_the_class_token_or_the_normalised_mean():

@@ -64,6 +64,7 @@ from mimbench.backbones.checkpoint import (  # noqa: E402
     infer_arch,
     read_checkpoint,
 )
+from mimbench.backbones.cli import backbone_size  # noqa: E402
 from mimbench.backbones.contract import BackboneContract, backbone_contract  # noqa: E402
 from mimbench.backbones.layer_decay import layer_decay_param_groups  # noqa: E402
 from mimbench.backbones.vit import create_backbone  # noqa: E402
@@ -75,6 +76,7 @@ from mimbench.core.record import build_result  # noqa: E402
 from mimbench.core.rundir import start_run  # noqa: E402
 from mimbench.core.runtime import autocast_dtype, resolve_device  # noqa: E402
 from mimbench.results import Result, append_result  # noqa: E402
+from mimbench.transfer.recipes import per_arch  # noqa: E402
 from mimbench.transfer.scenes import CATEGORIES, make_scene  # noqa: E402
 
 ADE20K_NUM_CLASSES = 150
@@ -106,7 +108,7 @@ class SegmentationPreset:
     lr: float
     weight_decay: float
     layer_decay: float
-    drop_path_rate: float
+    drop_path_rate: float | None  # None: drop_path_by_arch's value for the backbone (`resolve_drop_path`)
     warmup_iters: int  # linear from 1e-6 × lr, then poly (power 1) to 0
     head_channels: int  # UPerHead width
     aux_channels: int  # FCNHead width
@@ -123,6 +125,7 @@ class SegmentationPreset:
     checkpoint_interval: int
     log_interval: int
     num_workers: int
+    drop_path_by_arch: dict[str, float] = field(default_factory=dict)  # where drop_path_rate is None
 
 
 # The paper protocol (MAE / BEiT / MixedAE ADE20K), as mmseg's configs/mae/mae-base_upernet_8xb2-amp-160k_ade20k-
@@ -158,10 +161,11 @@ UPERNET_VITB_160K = SegmentationPreset(
 # upernet_mpvit_small_160k_ade20k.py and _base_/models/upernet_mpvit.py): AdamW lr 6e-5, betas (0.9, 0.999),
 # wd 0.01, linear warmup 1500 iterations then poly, 160k iterations at 8 GPUs x 2, UPerHead channels 512, the
 # auxiliary FCN head on level 3 (in_index 2), whole-image test, no layer decay, no fp16. Drop path is per size
-# (S 0.2, B 0.4): S here, --drop-path-rate for B.
+# (the paper's sizes on ADE20K: S 0.2, B 0.4), --drop-path-rate for any other backbone.
 MPVIT_UPERNET_160K = dataclasses.replace(
-    UPERNET_VITB_160K, lr=6e-5, weight_decay=0.01, layer_decay=1.0, drop_path_rate=0.2, head_channels=512,
-    fp16_without_bf16=False, test_mode="whole")
+    UPERNET_VITB_160K, lr=6e-5, weight_decay=0.01, layer_decay=1.0, drop_path_rate=None,
+    drop_path_by_arch={"mpvit_small": 0.2, "mpvit_base": 0.4}, head_channels=512, fp16_without_bf16=False,
+    test_mode="whole")
 
 PRESETS: dict[str, SegmentationPreset] = {
     "upernet_vitb_160k": UPERNET_VITB_160K,
@@ -727,11 +731,18 @@ def checkpoint_arch(run: RunSpec) -> str:
     return infer_arch(run.ckpt, run.which)
 
 
+def resolve_drop_path(recipe: SegmentationPreset, arch: str) -> SegmentationPreset:
+    """The recipe with its drop path for ``arch`` spelled out (a recipe may set it per backbone size)."""
+    rate = per_arch(recipe.drop_path_rate, recipe.drop_path_by_arch, arch, "--drop-path-rate")
+    return dataclasses.replace(recipe, drop_path_rate=rate)
+
+
 def run_ade20k(config: Ade20kConfig) -> Result | None:
     """Train (or only evaluate) UperNet on ``config.run.ckpt`` and append the record; the record on rank 0."""
     device = check_options(config)
+    arch = checkpoint_arch(config.run)
+    config = dataclasses.replace(config, recipe=resolve_drop_path(config.recipe, arch))
     run, recipe = config.run, config.recipe
-    arch = checkpoint_arch(run)
     started = time.perf_counter()
     sha256 = file_sha256(run.ckpt)
     subset = f"-first{config.subset}" if config.subset is not None else ""  # never resumes a full run's work
@@ -796,7 +807,8 @@ def train_and_record(config: Ade20kConfig, data: SegmentationData, work_dir: Pat
     result = build_result(task="segmentation", dataset=data.name, protocol="upernet", metric="mIoU", metrics=metrics,
                           checkpoint=run.ckpt, metadata=report.metadata, sha256=sha256, method=run.method, arch=arch,
                           seed=run.seed, config={**to_dict(config), **facts}, started=started, device=device,
-                          dtype=dtype, tags={"subset": f"first{config.subset}"} if config.subset is not None else {})
+                          dtype=dtype, tags={"subset": f"first{config.subset}"} if config.subset is not None else {},
+                          **backbone_size(arch))
     if dtype == torch.float16:  # core's precision names are bf16 and fp32; this fallback is neither
         result.precision = result.compute["precision"] = "fp16"
     store = append_result(result, run.results)

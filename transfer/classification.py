@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 
 from mimbench.backbones.checkpoint import backbone_from_checkpoint
+from mimbench.backbones.cli import backbone_size
 from mimbench.core.config import RunSpec, config_parser, parse_config, to_dict, with_overrides
 from mimbench.core.errors import ConfigError
 from mimbench.core.io import atomic_write, file_sha256
@@ -278,7 +279,7 @@ def run_classification(config: ClassificationConfig) -> Result:
                               metrics=metrics, checkpoint=run.ckpt, metadata=report.metadata,
                               sha256=checkpoint_sha256, method=run.method, arch=run.arch or details.get("arch"),
                               seed=run.seed, config={**to_dict(config), **details}, started=started,
-                              device=distributed.device, dtype=dtype, tags=tags)
+                              device=distributed.device, dtype=dtype, tags=tags, **backbone_size(details["arch"]))
         if distributed.is_main:
             store = append_result(result, run.results)
             atomic_write(out / RECORD, lambda tmp: tmp.write_text(result.to_json() + "\n"))

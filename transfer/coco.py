@@ -79,6 +79,7 @@ from mimbench.backbones.checkpoint import (
     infer_arch,
     read_checkpoint,
 )
+from mimbench.backbones.cli import backbone_size
 from mimbench.backbones.contract import BackboneContract, backbone_contract
 from mimbench.backbones.layer_decay import layer_decay_param_groups
 from mimbench.backbones.vit import ARCHS, create_backbone
@@ -89,6 +90,7 @@ from mimbench.core.rundir import CONFIG_NAME, RunLock, differing_fields, read_co
 from mimbench.core.runtime import autocast, autocast_dtype, resolve_device
 from mimbench.results import Result, append_result, build_result
 from mimbench.transfer.coco_data import coco_layout, dataset_name, subset_split, write_coco_subset, write_embedded_coco
+from mimbench.transfer.recipes import per_arch
 
 DETECTRON2_CONFIGS = Path(detectron2.__file__).parent / "model_zoo/configs/common/models"
 # Detectron2's own configs, shipped inside its package: ViTDet's Mask R-CNN (heads, simple pyramid) and the
@@ -112,7 +114,7 @@ class DetectionPreset:
     lr: float
     weight_decay: float
     layer_decay: float
-    drop_path: float
+    drop_path: float | None  # None: drop_path_by_arch's value for the backbone (`resolve_drop_path`)
     window_size: int  # ViT: window attention's size, in tokens
     warmup_iters: int
     lr_steps: tuple[int, ...]  # iterations where the lr drops ×0.1
@@ -136,6 +138,7 @@ class DetectionPreset:
     max_size: int = 1333  # resize/detr: the longest side, in training and test
     detr_crop: tuple[int, int] = (384, 600)  # detr: the absolute-range crop after a resize to 400/500/600
     clip_grad: float = 0.0  # the whole model's gradient L2 norm is clipped to this (0: no clipping)
+    drop_path_by_arch: dict[str, float] = field(default_factory=dict)  # where drop_path is None
 
 
 # ViTDet's ViT-B Mask R-CNN, 100 epochs at batch 64: Detectron2's projects/ViTDet/configs/COCO/
@@ -177,10 +180,12 @@ EMBEDDED_CPU = dataclasses.replace(
 # maskrcnn/mask_rcnn_mpvit_small_1x.yaml and _ms_3x.yaml): AdamW lr 1e-4, wd 0.05, batch 16, 90k iterations with
 # steps at 60k/80k, 1000 warmup iterations, full-model gradient clipping at 1.0, single scale 800 (max 1333), the
 # standard FPN heads (2-fc box head, no norm in the heads' convs is Detectron2's; ours keep the base's), no layer
-# decay. Drop path is per size (T/XS 0.1, S 0.2, B 0.4): S here, --drop-path for the others.
+# decay. Drop path is per size (the size's config: T/XS 0.1, S 0.2, B 0.4), --drop-path for any other backbone.
 MPVIT_MASKRCNN_1X = dataclasses.replace(
     VITDET_B_100EP, image_size=800, total_batch_size=16, iterations=90_000, lr=1e-4, weight_decay=0.05,
-    layer_decay=1.0, drop_path=0.2, warmup_iters=1000, lr_steps=(60_000, 80_000), box_head_convs=0,
+    layer_decay=1.0, drop_path=None,
+    drop_path_by_arch={"mpvit_tiny": 0.1, "mpvit_xsmall": 0.1, "mpvit_small": 0.2, "mpvit_base": 0.4},
+    warmup_iters=1000, lr_steps=(60_000, 80_000), box_head_convs=0,
     box_head_fcs=(1024, 1024), checkpoint_period=10_000, augmentation="resize", min_sizes=(800,), max_size=1333,
     clip_grad=1.0)
 # 3x multi-scale: 270k iterations, steps at 210k/250k, shortest side 480-800 in steps of 32 with DETR's crop.
@@ -558,6 +563,12 @@ def save_visualizations(model: nn.Module, name: str, recipe: DetectionPreset, ou
 # ----------------------------------------------------------------------------------------------- the run
 
 
+def resolve_drop_path(recipe: DetectionPreset, arch: str) -> DetectionPreset:
+    """The recipe with its drop path for ``arch`` spelled out (a recipe may set it per backbone size)."""
+    return dataclasses.replace(recipe, drop_path=per_arch(recipe.drop_path, recipe.drop_path_by_arch, arch,
+                                                          "--drop-path"))
+
+
 def effective_recipe(config: CocoConfig) -> DetectionPreset:
     """The recipe with --batch-size (same epochs, linear lr) and --max-iter (same schedule shape) applied; a
     ConfigError for a schedule that does not fit its length."""
@@ -633,7 +644,7 @@ def run_coco(config: CocoConfig) -> Result | None:
         seed=run.seed, config={**to_dict(config), "resolved_recipe": asdict(recipe),
                                "processes": comm.get_world_size()},
         started=started, device=device, dtype=dtype,
-        tags={"subset": f"first{config.subset}"} if config.subset is not None else {})
+        tags={"subset": f"first{config.subset}"} if config.subset is not None else {}, **backbone_size(run.arch))
     store = append_result(result, run.results)
     summary = ", ".join(f"{k} {v:.1f}" for k, v in metrics.items() if k.startswith(("AP_", "AP50_", "AP75_")))
     print(f"COCO Mask R-CNN ({dataset}): {summary} -> {store}", flush=True)
@@ -726,6 +737,7 @@ def prepare(config: CocoConfig) -> CocoConfig:
         run = dataclasses.replace(run, arch=infer_arch(run.ckpt, run.which))
     else:
         read_checkpoint(run.ckpt)
+    config = dataclasses.replace(config, recipe=resolve_drop_path(config.recipe, run.arch))
     recipe = effective_recipe(config)
     check_subset(config.subset)
     coco_layout(run.data_root)
