@@ -78,6 +78,7 @@ from mimbench.landscape.metrics import sharpness, width
 from mimbench.landscape.surface import Grid, centre_of, evaluate
 from mimbench.pretrain.data import write_embedded_photos
 from mimbench.pretrain.engine import PretrainConfig
+from mimbench.pretrain.mae import DECODERS
 from mimbench.results import append_result, build_result
 from mimbench.transfer.datasets import build_dataset
 from mimbench.transfer.features import probe_transform
@@ -199,6 +200,9 @@ def loss_target(config: LandscapeConfig, kind: str, model: torch.nn.Module, pret
         return model, pretraining_loss(batches, seed), "pretraining data"
     encoder = probe_encoder(model).to(device)
     if kind == "recon":
+        if arch not in DECODERS:
+            raise ConfigError(f"--loss recon fits an MAE decoder of the arch's table (pretrain/mae.py DECODERS); "
+                              f"{arch} has none")
         batches = [b.to(device) for b in photo_batches(images_root, ARCHS[arch]["img_size"], seed, recipe.images,
                                                        recipe.batch_size)]
         target, loss, _ = fit_decoder(encoder, arch, batches, seed, recipe.decoder_steps, recipe.decoder_lr)

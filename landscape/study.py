@@ -63,7 +63,8 @@ def plan(out: Path, seeds: Sequence[int]) -> list[list[tuple[Path, list[str]]]]:
 
 
 def run_step(folder: Path, command: list[str], threads: int) -> float:
-    """Run one step (its output in ``<folder>/study.log``) unless its marker says it finished; its seconds."""
+    """Run one step (its output in ``<folder>/study.log``) unless its marker says it finished; its seconds. The
+    marker records its wall and CPU seconds (the CPU's: what it costs on a machine nobody else uses)."""
     marker = folder / MARKER
     if marker.is_file() and json.loads(marker.read_text())["command"] == command:
         print(f"{folder.name}: done before, skipped", flush=True)
@@ -74,13 +75,15 @@ def run_step(folder: Path, command: list[str], threads: int) -> float:
     started = time.perf_counter()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     with open(folder / "study.log", "wb") as log:
-        finished = subprocess.run(command + resume, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
-    seconds = time.perf_counter() - started
-    if finished.returncode != 0:
+        process = subprocess.Popen(command + resume, env=env, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(process.pid, 0)  # the step's own CPU time, its data loaders' included
+    seconds, cpu = time.perf_counter() - started, usage.ru_utime + usage.ru_stime
+    if os.waitstatus_to_exitcode(status) != 0:
         tail = (folder / "study.log").read_text(errors="replace").replace("\r", "\n").splitlines()[-15:]
-        raise SystemExit(f"{folder.name} failed (exit {finished.returncode}):\n" + "\n".join(tail))
-    marker.write_text(json.dumps({"command": command, "seconds": round(seconds, 1)}) + "\n")
-    print(f"{folder.name}: done in {seconds:.0f} s", flush=True)
+        raise SystemExit(f"{folder.name} failed (exit {os.waitstatus_to_exitcode(status)}):\n" + "\n".join(tail))
+    marker.write_text(json.dumps({"command": command, "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1)})
+                      + "\n")
+    print(f"{folder.name}: done in {seconds:.0f} s ({cpu:.0f} CPU seconds)", flush=True)
     return seconds
 
 
