@@ -9,7 +9,7 @@ preset otherwise), then their landscapes (``landscape/run.py --embedded``, the `
 pretraining, linear-probe and reconstruction losses, once per seed of the directions, then the landscape tables
 (``python -m mimbench.tables.build`` on the study's own store). Each step is the command a user would type, run
 as its own process with --resume; a finished step leaves ``study-step.json`` (its command) in its folder and is
-skipped while the command is unchanged, so a second ``make landscape`` redoes nothing but the tables.
+skipped while the command is unchanged, so a second ``make landscape`` redoes nothing.
 Outputs under --out: ``<method>/`` (the pretraining runs), ``seed<k>/`` (surfaces, ``figures/``,
 ``landscape.md``), ``results.jsonl`` and ``tables/landscape_<loss>.md`` (mean ± std over the direction seeds).
 """
