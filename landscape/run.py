@@ -1,12 +1,11 @@
 """Loss landscapes of pretrained models: each method's own pretraining loss, a common linear-probe loss and a
 common reconstruction loss.
 
-    python landscape/run.py --ckpt runs/mae/ runs/rcmae/ runs/sup/ --loss pretrain linear recon --grid 51 \
-        --out runs/landscape
+    python landscape/run.py --ckpt runs/mae/ runs/rcmae/ runs/sup/ --loss pretrain linear recon --out runs/landscape
     torchrun --nproc_per_node 8 landscape/run.py --ckpt runs/mae/ runs/rcmae/ --out runs/landscape   # sharded
     python landscape/run.py --embedded --ckpt runs/demo-mae runs/demo-rcmae --out runs/landscape-demo    # CPU
-    python landscape/run.py --line runs/mae/checkpoints/step_00000100.pth runs/mae/checkpoints/step_00000200.pth \
-        --loss pretrain --out runs/line          # the 1D line between two checkpoints (or: --line runs/rc teacher)
+    python landscape/run.py --line runs/mae/checkpoints/step_00000100.pth runs/mae/checkpoints/step_00000200.pth
+    python landscape/run.py --line runs/rcmae teacher --out runs/line-teacher   # RC-MAE's student to its teacher
 
 Each --ckpt is a pretraining run folder (its newest ``checkpoints/step_*.pth``) or one such file: the pretraining
 loss needs the whole model (encoder, decoder, RC-MAE's teacher), not the exported encoder; a supervised run's
