@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.14.1 torchvision==0.29.1
 SETUP  := $(VENV)/.setup-done
 
-.PHONY: setup demo test test-fast lint regression regression-update tables summary clean
+.PHONY: setup demo test test-fast lint regression regression-update tables landscape summary clean
 
 setup: $(SETUP)
 
@@ -48,6 +48,12 @@ lint: $(SETUP)
 # The paper's tables from the results store (results/results.jsonl or $$MIMBENCH_RESULTS) into tables/out/.
 tables: $(SETUP)
 	$(BIN)/python -m mimbench.tables.build
+
+# The loss-landscape study at CPU scale (python -m mimbench.landscape.study, see landscape/study.py): MAE, RC-MAE
+# and a supervised ViT of one small arch and budget, their pretraining, linear-probe and reconstruction landscapes
+# at two seeds of the directions, the figures and the landscape tables; a second run reuses every finished step.
+landscape: $(SETUP)
+	$(BIN)/python -m mimbench.landscape.study
 
 summary: $(SETUP)
 	$(BIN)/python -m mimbench.backbones.cli summary

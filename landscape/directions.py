@@ -52,10 +52,13 @@ def random_directions(model: nn.Module, seed: int, count: int = 2) -> list[Direc
     return directions
 
 
-def line_direction(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], model: nn.Module) -> Direction:
-    """``end − start`` over the model's trainable parameters (zero elsewhere): with the centre at ``start``,
-    α = 0 is ``start`` and α = 1 is ``end`` (e.g. two checkpoints of one run, or student and teacher)."""
-    return {name: (end[name].float() - start[name].float()) if parameter.requires_grad
+def line_direction(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], model: nn.Module,
+                   frozen: bool = False) -> Direction:
+    """``end − start`` over the model's trainable parameters (``frozen``: over every parameter; zero elsewhere):
+    with the centre at ``start``, α = 0 is ``start`` and α = 1 is ``end`` (e.g. two checkpoints of one run, or
+    student and teacher). Between two RC-MAE checkpoints the frozen teacher moves too, so both ends are the
+    checkpoints' own models."""
+    return {name: (end[name].float() - start[name].float()) if parameter.requires_grad or frozen
             else torch.zeros(parameter.shape, dtype=torch.float32)
             for name, parameter in model.named_parameters()}
 

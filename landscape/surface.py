@@ -48,6 +48,14 @@ class Grid:
     def __len__(self) -> int:
         return int(np.prod(self.shape))
 
+    def index_of(self, *point: float) -> int | None:
+        """The number k of the grid point at exactly ``point`` ((α,) or (α, β)), None where there is none."""
+        axes = (self.x,) if self.y is None else (self.x, self.y)
+        if len(point) != len(axes) or any(value not in axis for value, axis in zip(point, axes)):
+            return None
+        i = self.x.index(point[0])
+        return i if self.y is None else self.y.index(point[1]) * len(self.x) + i
+
     def coordinates(self, k: int) -> tuple[float, ...]:
         """(α,) or (α, β) of point ``k``."""
         if self.y is None:

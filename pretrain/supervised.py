@@ -40,10 +40,11 @@ from torchvision.datasets import ImageFolder
 from mimbench.backbones.cli import backbone_size
 from mimbench.backbones.contract import backbone_contract
 from mimbench.backbones.vit import backbone_archs, create_backbone
-from mimbench.core.config import Embedded, RunSpec, config_parser, exit_status, parse_config, to_dict
+from mimbench.core.config import Embedded, RunSpec, config_parser, exit_status, from_dict, parse_config, to_dict
 from mimbench.core.errors import ConfigError, DatasetError
 from mimbench.core.io import atomic_write, file_sha256
 from mimbench.core.record import append_result, build_result
+from mimbench.core.rundir import read_config
 from mimbench.core.runtime import autocast, loader_workers
 from mimbench.pretrain.data import IMAGENET_MEAN, IMAGENET_STD, UNREADABLE_ERRORS, sample_seed
 from mimbench.pretrain.engine import HARMLESS_ON_RESUME, Trainer
@@ -331,3 +332,24 @@ def trivial_baseline(dataset: SeededLabelled) -> float:
     counts = np.bincount([label for _, label in dataset.folder.samples])
     return 100 * counts.max() / counts.sum()
 
+
+
+def read_supervised_checkpoint(state: dict[str, Any], path: Path) -> tuple[torch.nn.Module, SupervisedConfig] | None:
+    """The classifier (backbone and head, in eval mode) and the run's configuration of a supervised run's resumable
+    checkpoint ``path`` whose content is ``state``; None where it is another method's. The one place that knows the
+    layout :meth:`SupervisedTrainer.state` writes: the weights are ``state["model"]``; the configuration is
+    ``state["config"]`` (JSON, as the pretraining engine writes it) where present, else the run folder's config.yaml
+    (``<run>/checkpoints/step_*.pth`` -> ``<run>/config.yaml``). The head's class count is that of the weights."""
+    if "config" in state:
+        saved = json.loads(state["config"])
+    else:
+        config_file = Path(path).resolve().parent.parent / "config.yaml"
+        saved = read_config(config_file) if config_file.is_file() else {}
+    if not isinstance(saved.get("run"), dict) or saved["run"].get("method") != "supervised":
+        return None
+    config = from_dict(SupervisedConfig, saved, f"{path} config")
+    headless = set(create_backbone(config.recipe.arch).state_dict())
+    head_weights = [v for k, v in state["model"].items() if k not in headless and v.ndim == 2]
+    model = create_backbone(config.recipe.arch, num_classes=len(head_weights[-1]) if head_weights else 0)
+    model.load_state_dict(state["model"])
+    return model.eval(), config

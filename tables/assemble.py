@@ -14,7 +14,16 @@ import pandas as pd
 from mimbench.results import Result
 from mimbench.tables import layout
 from mimbench.tables.layout import AVERAGE, CAPTIONS, LABELS, NOTES, Column
-from mimbench.tables.rows import REFERENCE_DIR, Row, mpvit_rows, other_rows, our_rows, paper_rows, with_deltas
+from mimbench.tables.rows import (
+    REFERENCE_DIR,
+    Row,
+    landscape_rows,
+    mpvit_rows,
+    other_rows,
+    our_rows,
+    paper_rows,
+    with_deltas,
+)
 
 
 @dataclass
@@ -40,6 +49,7 @@ LABEL_OF: dict[str, Callable[[Row], object]] = {
     "Arch": lambda row: row.arch,
     "Pre-train epochs": _epochs,
     "Pre-train GPU-days": lambda row: row.gpu_days,
+    "Model": lambda row: dict(row.tags).get(layout.MODEL_TAG, ""),
 }
 
 
@@ -80,8 +90,8 @@ def _reference_table(name: str, rows: list[Row], columns: Sequence[Column], note
 def build_tables(records: Iterable[Result], *, reference: bool = True,
                  transfer_protocol: str = layout.TRANSFER_PROTOCOL,
                  reference_dir: Path = REFERENCE_DIR) -> list[Table]:
-    """Main, transfer, one per ablation, MPViT and RC-MAE (where they have rows), then "other results" (always
-    there, maybe empty)."""
+    """Main, transfer, one per ablation, MPViT and RC-MAE (where they have rows), one landscape table per loss
+    (where there are landscape records), then "other results" (always there, maybe empty)."""
     records = list(records)
     transfer = layout.transfer_columns(transfer_protocol)
     ours, unplaced = our_rows(records, {"main": layout.MAIN_COLUMNS, "transfer": transfer})
@@ -109,6 +119,12 @@ def build_tables(records: Iterable[Result], *, reference: bool = True,
         tables.append(_reference_table("mpvit", mpvit, layout.MPVIT_COLUMNS, "mpvit_paper"))
     if paper.get("rcmae"):
         tables.append(_reference_table("rcmae", paper["rcmae"], layout.RCMAE_COLUMNS, "rcmae_paper"))
+    landscape, unplaced = landscape_rows(unplaced)
+    for loss in sorted(landscape, key=lambda name: (layout.LANDSCAPE_LOSSES + (name,)).index(name)):
+        table = _table(f"landscape_{loss}", CAPTIONS["landscape"].format(loss=loss), landscape[loss],
+                       LABELS["landscape"], layout.LANDSCAPE_COLUMNS, [], [])
+        table.notes = [NOTES["seeds"], NOTES["landscape"]]
+        tables.append(table)
     tables.append(Table("other", CAPTIONS["other"], other_rows(unplaced).astype(object),
                         [Column("value", "Value", "Value", "", "")]))
     return tables

@@ -2,7 +2,7 @@
 
     python -m mimbench.tables.build [--store PATH] [--out tables/out] [--no-reference] [--transfer-protocol P]
 
-Writes ``{main,transfer,ablation_<name>,other}.{md,csv,tex,html}`` and ``deltas_vs_mae.png``, each
+Writes ``{main,transfer,ablation_<name>,landscape_<loss>,other}.{md,csv,tex,html}`` and ``deltas_vs_mae.png``, each
 atomically, and prints the Markdown main table.
 """
 
@@ -60,8 +60,8 @@ def write_outputs(tables: list[Table], out: Path) -> list[Path]:
             write_atomic(written[-1], render_table(table).encode())
     written.append(out / PLOT)
     write_atomic(written[-1], render.deltas_png(tables))
-    # an ablation no longer in the store must not linger from an earlier build
-    for stale in out.glob("ablation_*"):
+    # an ablation (a landscape loss) no longer in the store must not linger from an earlier build
+    for stale in [*out.glob("ablation_*"), *out.glob("landscape_*")]:
         if stale.suffix.lstrip(".") in RENDERERS and stale not in written:
             stale.unlink()
     return written

@@ -23,6 +23,7 @@ class Column:
     metric: str | None = None  # None: the record's headline value (each transfer dataset has its own metric)
     protocol: str | None = None  # None: any protocol
     preset: str | None = None  # None: any recipe; else only records whose run used this preset (COCO 1x vs 3x)
+    decimals: int = 1  # printed decimals of the cells (the landscape's small numbers need more)
 
     def value_of(self, record: Result) -> float | None:
         """This column's number in ``record``, or None where the record does not belong here."""
@@ -110,6 +111,19 @@ RCMAE_COLUMNS: tuple[Column, ...] = (
     Column("coco_ap_mk", "COCO AP^mk (Mask R-CNN FPN)", "AP$^{mk}$", "detection", "coco", "AP_segm"),
 )
 
+# The loss-landscape study's records (landscape/run.py: task "landscape", protocol = the loss): one table per loss,
+# a row per model (tags["model"], the run's name for it), its direction seeds aggregated; metrics[key] fills a cell.
+LANDSCAPE_TASK, MODEL_TAG = "landscape", "model"
+LANDSCAPE_LOSSES = ("pretrain", "linear", "recon")  # the tables' order; another loss gets a table after them
+LANDSCAPE_COLUMNS: tuple[Column, ...] = tuple(
+    Column(key, header, latex, LANDSCAPE_TASK, "", key, decimals=decimals) for key, header, latex, decimals in (
+        ("sharpness", "Sharpness", "Sharpness", 3),
+        ("width", "Width", "Width", 3),
+        ("convex_share", "Convex share", "Convex share", 2),
+        ("lambda_max_centre", "λmax (centre)", "$\\lambda_{max}$ (centre)", 1),
+        ("loss_centre", "Loss (centre)", "Loss (centre)", 3),
+    ))
+
 METHOD_NAMES = {"mae": "MAE", "rcmae": "RC-MAE", "rc-mae": "RC-MAE", "mixedae": "MixedAE",
                 "mixedae-full": "MixedAE-Full", "mixedae-full*": "MixedAE-Full*", "supervised": "Supervised"}
 BASELINE = "MAE"  # deltas are against this method's row of the same pretraining epochs and arch
@@ -128,6 +142,7 @@ LABELS = {
     "ablation": ("Source", "Variant", "Method", "Arch", "Pre-train epochs"),
     "mpvit": ("Source", "Method", "Arch"),
     "rcmae": ("Source", "Method", "Arch", "Pre-train epochs"),
+    "landscape": ("Model", "Method", "Arch"),
 }
 CAPTIONS = {
     "main": ("ImageNet-1K fine-tuning top-1, ADE20K UperNet mIoU, COCO Mask R-CNN box and mask AP. "
@@ -136,6 +151,7 @@ CAPTIONS = {
                  "(+x) its difference to the MAE row of the same pre-training epochs and arch."),
     "ablation": "Ablation '{name}': one row per variant.",
     "other": "Other results: records that belong to none of the tables above.",
+    "landscape": "Loss landscape on the {loss} loss (landscape/run.py): one row per model.",
     "mpvit": ("MPViT: ImageNet-1K top-1 (supervised, 224²), COCO Mask R-CNN 1x and 3x multi-scale box/mask AP, "
               "ADE20K UperNet 160k mIoU, parameters (1000-class head) and GFLOPs at 224² per size."),
     "rcmae": ("RC-MAE's reference numbers: ImageNet-1K fine-tuning and linear top-1; COCO box/mask AP of Mask "
@@ -146,6 +162,10 @@ NOTES = {
     "paper": ("paper: reference rows transcribed from the poster of Chen et al., Mixed Autoencoder for "
               "Self-supervised Visual Representation Learning, CVPR 2023."),
     "effective": EFFECTIVE_EPOCHS + ": effective epochs of multi-crop methods, as the paper reports them.",
+    "landscape": ("Sharpness: the largest loss rise within radius r of the centre; width: the radius where the loss "
+                  "first exceeds the centre's + ε (the grid's largest radius where it never does); convex share: "
+                  "the share of the curvature grid where λmin ≥ −ε·λmax; λmax: the top Hessian eigenvalue at the "
+                  "centre (r, ε: the run's recipe). n counts the seeds of the directions."),
     "mpvit_paper": "paper: Lee et al., MPViT: Multi-Path Vision Transformer for Dense Prediction, CVPR 2022.",
     "rcmae_paper": ("paper: Lee et al., Exploring the Role of Mean Teachers in Self-supervised Masked "
                     "Auto-Encoders, ICLR 2023 (its MAE rows are the authors' reproduction)."),

@@ -26,24 +26,24 @@ from mimbench.tables.rows import Cell
 MISSING = "-"
 
 
-def one_decimal(number: float) -> str:
+def rounded(number: float, decimals: int = 1) -> str:
     if not math.isfinite(number):  # json.loads accepts NaN and Infinity from a hand-edited store
         return str(number)
     # str() first: the shortest repr, so 83.25 rounds to 83.3 and 0.39999999999999 to 0.4
-    return str(Decimal(str(number)).quantize(Decimal("0.1"), rounding=ROUND_HALF_UP))
+    return str(Decimal(str(number)).quantize(Decimal(1).scaleb(-decimals), rounding=ROUND_HALF_UP))
 
 
 def signed(delta: float) -> str:
-    text = one_decimal(delta)
+    text = rounded(delta)
     return "+0.0" if Decimal(text) == 0 else (text if text.startswith("-") else f"+{text}")
 
 
 def cell_text(cell: Cell, fmt: str = "md") -> str:
     """``fmt`` "md" (also HTML): "83.1 ± 0.2 (+0.4) [n=3]"; "tex": "83.1$\\pm$0.2$^{+0.4}$ [n=3]"."""
     pm, delta = (r"$\pm$", "$^{{{}}}$") if fmt == "tex" else (" ± ", " ({})")
-    text = one_decimal(cell.mean)
+    text = rounded(cell.mean, cell.decimals)
     if cell.std is not None:
-        text += pm + one_decimal(cell.std)
+        text += pm + rounded(cell.std, cell.decimals)
     if cell.delta is not None:
         text += delta.format(signed(cell.delta))
     if cell.n > 1:
@@ -68,7 +68,7 @@ def text(value: Any, fmt: str = "md") -> str:
     if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
         return MISSING
     if isinstance(value, float):
-        return one_decimal(value)
+        return rounded(value)
     return tex_escape(str(value)) if fmt == "tex" else str(value)
 
 

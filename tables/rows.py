@@ -17,7 +17,7 @@ import pandas as pd
 
 from mimbench.results import Result
 from mimbench.tables import layout
-from mimbench.tables.layout import ABLATION_TAG, AVERAGE, BASELINE, VARIANT_TAG, Column
+from mimbench.tables.layout import ABLATION_TAG, AVERAGE, BASELINE, MODEL_TAG, VARIANT_TAG, Column
 
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
 
@@ -28,6 +28,7 @@ class Cell:
     std: float | None = None  # None for a single seed
     n: int = 1
     delta: float | None = None  # against the baseline row; None where the table prints none
+    decimals: int = 1  # printed decimals (its column's)
 
     @classmethod
     def of(cls, values: Sequence[float]) -> Cell:
@@ -54,7 +55,7 @@ class Row:
     @property
     def label(self) -> str:
         """Method with any tags that are not the ablation's own, e.g. ``MixedAE [mask=0.5]``."""
-        extra = [f"{k}={v}" for k, v in self.tags if k not in (ABLATION_TAG, VARIANT_TAG)]
+        extra = [f"{k}={v}" for k, v in self.tags if k not in (ABLATION_TAG, VARIANT_TAG, MODEL_TAG)]
         return f"{self.method} [{', '.join(extra)}]" if extra else self.method
 
 
@@ -197,6 +198,26 @@ def mpvit_rows(records: Iterable[Result]) -> list[Row]:
                  **{key: Cell.of(found) for key, found in by_key.items()}}
         rows.append(Row(layout.OURS, method, epochs, arch, tags, cells=cells))
     return sorted(rows, key=_our_order)
+
+
+def landscape_rows(records: Iterable[Result]) -> tuple[dict[str, list[Row]], list[Result]]:
+    """Our rows of the landscape tables, per loss (a record's protocol), one per model and setting with its
+    direction seeds aggregated; and the records that are not in them."""
+    values: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    rest = []
+    for record in records:
+        cells = [(c.key, float(v)) for c in layout.LANDSCAPE_COLUMNS if record.task == layout.LANDSCAPE_TASK
+                 and isinstance(v := record.metrics.get(c.key), (int, float)) and not isinstance(v, bool)]
+        if not cells:
+            rest.append(record)
+        for key, value in cells:
+            values[record.protocol, setting_of(record)][key].append(value)
+    decimals = {c.key: c.decimals for c in layout.LANDSCAPE_COLUMNS}
+    rows: dict[str, list[Row]] = defaultdict(list)
+    for (loss, (method, epochs, arch, tags)), by_key in values.items():
+        cells = {key: replace(Cell.of(found), decimals=decimals[key]) for key, found in by_key.items()}
+        rows[loss].append(Row(layout.OURS, method, epochs, arch, tags, cells=cells))
+    return {loss: sorted(found, key=_our_order) for loss, found in rows.items()}, rest
 
 
 def other_rows(records: Iterable[Result]) -> pd.DataFrame:
