@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from mimbench.backbones.vit import ARCHS
-from mimbench.core.config import Embedded, RunSpec, config_parser, exit_status, parse_config, to_dict
+from mimbench.core.config import Embedded, RunSpec, config_parser, exit_status, parse_config, record_tags, to_dict
 from mimbench.core.errors import ConfigError
 from mimbench.core.io import atomic_write, file_sha256
 from mimbench.core.rundir import start_run_on_rank0
@@ -91,7 +91,7 @@ PRESETS = {
                                         probe_dataset="digits"),
 }
 DEFAULT_PRESET = "vit_b"
-HARMLESS_ON_RESUME = ("device", "out", "resume", "results", "preset")
+HARMLESS_ON_RESUME = ("device", "out", "resume", "results", "preset", "tags")
 
 
 @dataclass
@@ -266,7 +266,8 @@ def run_landscapes(config: LandscapeConfig) -> dict[str, dict[str, dict[str, flo
                                       metric="width", metrics=metrics, checkpoint=path, metadata=None,
                                       sha256=file_sha256(path), method=pretrain_config.run.method,
                                       arch=pretrain_config.recipe.arch, seed=run.seed, config=to_dict(config),
-                                      started=started, device=dist.device, dtype=None, tags={"model": name})
+                                      started=started, device=dist.device, dtype=None,
+                                      tags=record_tags(run, model=name))
                 store = append_result(result, run.results)
                 print(f"{name} {kind}: width {metrics['width']:.3f}, sharpness {metrics['sharpness']:.4f}, "
                       f"convex share {metrics['convex_share']:.2f}, λmax {metrics['lambda_max_centre']:.3g} -> "

@@ -386,7 +386,7 @@ def test_flags_reach_the_protocol_that_runs():
     tuned = parsed("--protocol", "finetune", "--batch-size", "16", "--precision", "fp32", "--seed", "3",
                    "--resume", "--lr-grid", "1e-3", "2e-3", "--tags", "a=b")
     assert (tuned.recipe.batch_size, tuned.recipe.lr_grid, tuned.recipe.wd_grid) == (16, (1e-3, 2e-3), (0.05,))
-    assert (tuned.run.precision, tuned.run.seed, tuned.run.resume, tuned.tags) == ("fp32", 3, True, ["a=b"])
+    assert (tuned.run.precision, tuned.run.seed, tuned.run.resume, tuned.run.tags) == ("fp32", 3, True, ["a=b"])
     # An explicit --base-lr is that one lr (no grid over it), as the chain's `--base-lr 1e-2` always meant.
     single = parsed("--protocol", "finetune", "--base-lr", "1e-2")
     assert (single.recipe.base_lr, single.recipe.lr_grid, single.recipe.wd_grid) == (1e-2, (), (0.05,))
