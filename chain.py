@@ -763,21 +763,23 @@ def ablations(options: ChainOptions, seeds: Sequence[int]) -> int:
     started, out = time.perf_counter(), options.out
     store = out / "results.jsonl"
 
-    def run() -> None:
+    def run() -> str:
         run_steps(ablations_plan(replace(ABLATIONS, seed=options.seed), out, seeds, options.precision),
                   options.jobs, options.threads)
         tag_shared_rows(store, configurations(ablation_plan()))
+        curves = analysis_curves(out, seeds)
+        figure = homo_acc_figure(curves, out / "figures" / "homo_acc")
+        tables = build_tables(read_results(store)[0])
+        write_outputs(tables, out / "tables")
+        return "\n\n".join([
+            *(render.markdown(table) for table in tables if table.name.startswith("ablation_")),
+            f"homo_acc per homologous block, seeds {', '.join(map(str, seeds))}: the last quarter's mean (final), the "
+            f"mean step-to-step change after the first quarter (jitter), the step at 90% of the rise (t90)",
+            homo_acc_summary(curves).to_markdown(),
+            f"figure: {', '.join(map(str, figure))}\ntables: {out / 'tables'}/ablation_*.{{md,csv,tex,html}}"])
 
-    with_locked_out(options, run)
-    curves = analysis_curves(out, seeds)
-    figure = homo_acc_figure(curves, out / "figures" / "homo_acc")
-    tables = build_tables(read_results(store)[0])
-    write_outputs(tables, out / "tables")
-    print("\n\n".join(render.markdown(table) for table in tables if table.name.startswith("ablation_")))
-    print(f"homo_acc per homologous block, seeds {', '.join(map(str, seeds))} (last quarter of training: mean, "
-          f"and the mean |change| from one step to the next):\n\n{homo_acc_summary(curves).to_markdown()}")
-    print(f"\nfigure: {', '.join(map(str, figure))}\ntables: {out / 'tables'}/ablation_*.{{md,csv,tex,html}}\n"
-          f"ablations finished in {(time.perf_counter() - started) / 60:.1f} min (a second run reuses every "
+    print(with_locked_out(options, run))
+    print(f"ablations finished in {(time.perf_counter() - started) / 60:.1f} min (a second run reuses every "
           "finished step; --fresh starts over)")
     return 0
 
