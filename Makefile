@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.14.1 torchvision==0.29.1
 SETUP  := $(VENV)/.setup-done
 
-.PHONY: setup demo test test-fast lint regression regression-update tables landscape summary clean
+.PHONY: setup demo test test-fast lint regression regression-update tables landscape ablations summary clean
 
 setup: $(SETUP)
 
@@ -34,6 +34,12 @@ regression: $(SETUP)
 
 regression-update: $(SETUP)
 	$(BIN)/python -m mimbench.chain regression --update $(if $(DATA_ROOT),--data-root $(DATA_ROOT))
+
+# The MixedAE poster's ablations and analysis at CPU scale (python -m mimbench.chain ablations, see chain.py): MixedAE
+# pretraining per configuration (objective, segment embeddings, homologous attention), each probed on the digits and
+# the embedded COCO / ADE sets and tagged for `make tables`, and the homo_acc figure over two seeds, in runs/ablations.
+ablations: $(SETUP)
+	$(BIN)/python -m mimbench.chain ablations $(if $(FRESH),--fresh)
 
 test: $(SETUP)
 	$(BIN)/pytest

@@ -5,6 +5,8 @@ with labels, `SUPERVISED`), transfer every encoder, build the tables.
     python -m mimbench.chain regression [--update]                      # `make regression`: CI size vs baseline
     python -m mimbench.chain regression --data-root /datasets           # the same on small real subsets
     python -m mimbench.chain spread --seeds 1 2                         # re-derive the baseline's tolerances
+    python -m mimbench.chain ablations [--seeds 0 1]                   # `make ablations`: the MixedAE poster's
+                                                                        # ablations and analysis figure, CPU
 
 Each step is the user-facing command (``pretrain/run.py``, ``transfer/run.py``, ``tables.build``) run as its own
 process, so the chain proves exactly what a user types, and a framework (Detectron2, mmseg) stays inside its
@@ -37,12 +39,17 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from mimbench.core.errors import UserError
+
+if TYPE_CHECKING:
+    from mimbench.pretrain.ablations import AblationRun
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent
 BASELINES = {False: ROOT / "regression" / "baseline.json", True: ROOT / "regression" / "baseline-real.json"}
@@ -292,17 +299,23 @@ def curve_summary(curve: Sequence[float]) -> dict[str, float]:
     return {f"q{k}": statistics.fmean(curve[a:b]) for k, (a, b) in enumerate(zip(bounds, bounds[1:]), 1)}
 
 
-def pretrain_losses(run: Path) -> list[float]:
-    """The per-step training loss TensorBoard holds for a pretraining run (the last value of a repeated step,
-    as a resumed run logs again the steps after its checkpoint)."""
+def pretrain_scalars(run: Path) -> dict[str, dict[int, float]]:
+    """Every per-step scalar TensorBoard holds for a pretraining run, by tag then step (the last value of a
+    repeated step, as a resumed run logs again the steps after its checkpoint)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    by_step: dict[int, float] = {}
+    scalars: dict[str, dict[int, float]] = {}
     for events in sorted((run / "tensorboard").glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
         accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
         accumulator.Reload()
-        if "pretrain/loss" in accumulator.Tags()["scalars"]:
-            by_step.update({event.step: event.value for event in accumulator.Scalars("pretrain/loss")})
+        for tag in accumulator.Tags()["scalars"]:
+            scalars.setdefault(tag, {}).update({event.step: event.value for event in accumulator.Scalars(tag)})
+    return scalars
+
+
+def pretrain_losses(run: Path) -> list[float]:
+    """The per-step training loss of a pretraining run (:func:`pretrain_scalars`)."""
+    by_step = pretrain_scalars(run).get("pretrain/loss", {})
     return [by_step[step] for step in sorted(by_step)]
 
 
@@ -486,6 +499,11 @@ class ChainOptions:
 
 def run_chain(options: ChainOptions, log: Any = sys.stdout) -> list[Step]:
     """Every step of the plan not done yet, with ``options.out`` locked to this chain meanwhile."""
+    return with_locked_out(options, lambda: _run_chain(options, log))
+
+
+def with_locked_out(options: ChainOptions, action: Callable[[], T]) -> T:
+    """``action()`` with ``options.out`` locked to this chain meanwhile, emptied first with ``options.fresh``."""
     from mimbench.core.rundir import LOCK_NAME, RunLock
 
     with RunLock(options.out):
@@ -493,7 +511,7 @@ def run_chain(options: ChainOptions, log: Any = sys.stdout) -> list[Step]:
             for path in options.out.iterdir():
                 if path.name != LOCK_NAME:
                     shutil.rmtree(path) if path.is_dir() else path.unlink()
-        return _run_chain(options, log)
+        return action()
 
 
 def _run_chain(options: ChainOptions, log: Any) -> list[Step]:
@@ -683,6 +701,124 @@ def spread(options: ChainOptions, seeds: Sequence[int], baseline_path: Path, reu
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ ablations
+
+# `python -m mimbench.chain ablations`: the demo's pretraining budget (48 steps of the same ViT on the photos), the
+# whole digits set linear-probed, the CI size's 40 detector and 30 segmentor iterations.
+ABLATIONS = replace(SIZES["demo"], coco_iters=SIZES["ci"].coco_iters, ade_iters=SIZES["ci"].ade_iters)
+ANALYSIS_SEEDS = (0, 1)  # the analysis figure's seeds (the ablations themselves run at the size's seed)
+SAME_RUN_TAG = "same_run_as"  # on the copies of a shared configuration's records (tag_shared_rows)
+
+
+def ablation_folder(out: Path, run: AblationRun, seed: int) -> Path:
+    """Where a configuration's pretraining runs."""
+    return Path(out) / "pretrain" / f"{run.config_name}-seed{seed}"
+
+
+def ablations_plan(size: ChainSize, out: Path, seeds: Sequence[int] = ANALYSIS_SEEDS,
+                   precision: str | None = None) -> list[Step]:
+    """Every step of the ablations: one MixedAE pretraining per configuration of the ablation plan (at
+    ``size.seed``) and per analysis configuration and seed (the same configuration and seed trains once); then,
+    for each ablation configuration, the digits linear probe, Mask R-CNN and UperNet on the embedded sets, their
+    records tagged with the configuration's first row (:func:`tag_shared_rows` tags them for its other rows)."""
+    from mimbench.pretrain.ablations import ablation_plan, analysis_runs, configurations
+
+    out, computed = Path(out), ["--precision", precision] if precision else []
+    steps: dict[str, Step] = {}
+
+    def pretrain(run: AblationRun, seed: int) -> str:
+        name, folder = f"pretrain {run.config_name} seed{seed}", ablation_folder(out, run, seed)
+        steps.setdefault(name, Step(name, python_script(
+            "pretrain/run.py", "--method", "mixedae", "--embedded", "--data-root",
+            str(out / "datasets" / "photos-embedded"), "--epochs", str(size.pretrain_epochs),
+            "--warmup-epochs", str(size.pretrain_warmup_epochs), "--samples-per-epoch", str(size.samples_per_epoch),
+            "--seed", str(seed), *run.flags(), *computed, "--out", str(folder)), folder))
+        return name
+
+    groups = configurations(ablation_plan())
+    trained = [pretrain(first, size.seed) for first, *_ in groups]
+    for run in analysis_runs():
+        for seed in seeds:
+            pretrain(run, seed)
+    probes = {"digits": ["--protocol", "linear", *size.linear, "--cache-dir", str(out / "feature_cache")],
+              "coco": ["--embedded", "--data-root", str(out / "datasets" / "coco-embedded"),
+                       "--max-iter", str(size.coco_iters)],
+              "ade20k": ["--embedded", "--data-root", str(out / "datasets" / "ade20k-embedded"),
+                         "--max-iters", str(size.ade_iters)]}
+    for (first, *_), pretrained in zip(groups, trained, strict=True):
+        ckpt = ablation_folder(out, first, size.seed) / "encoder.safetensors"
+        tags = ["--tags", *(f"{key}={value}" for key, value in first.tags.items())]
+        for task, extra in probes.items():
+            name, folder = f"{task} {first.config_name}", out / task / first.config_name
+            # The first run of a dense task writes its embedded set; the others wait for it rather than race it.
+            writer = () if task == "digits" or first is groups[0][0] else (f"{task} {groups[0][0].config_name}",)
+            steps[name] = Step(name, python_script(
+                "transfer/run.py", task, "--ckpt", str(ckpt), "--results", str(out / "results.jsonl"), "--seed",
+                str(size.seed), *computed, *extra, *tags, "--out", str(folder)), folder, after=(pretrained, *writer))
+    return list(steps.values())
+
+
+def tag_shared_rows(store: Path, groups: Sequence[Sequence[AblationRun]]) -> int:
+    """Each configuration's records (tagged with its first row) once more for each of its other rows, tagged with
+    that row and ``same_run_as=<first row>``: one training and one probe stand in every row they belong to, and the
+    table says so. Returns the number of records added (none when they are there already)."""
+    from mimbench.results import append_result, read_results
+
+    records, _ = read_results(store)
+    present = {(r.checkpoint_sha256, r.dataset, r.protocol, tuple(sorted(r.tags.items()))) for r in records}
+    added = 0
+    for first, *others in groups:
+        for record in [r for r in records if r.tags == first.tags]:
+            for row in others:
+                tags = {**row.tags, SAME_RUN_TAG: f"{first.ablation}: {first.variant}"}
+                key = (record.checkpoint_sha256, record.dataset, record.protocol, tuple(sorted(tags.items())))
+                if key not in present:
+                    append_result(replace(record, tags=tags), store)
+                    present.add(key)
+                    added += 1
+    return added
+
+
+def analysis_curves(out: Path, seeds: Sequence[int]) -> dict[str, list[dict[int, tuple[list[int], list[float]]]]]:
+    """homo_acc per homologous block over training, per analysis configuration and seed, from its TensorBoard."""
+    from mimbench.pretrain.ablations import analysis_runs, homo_acc_curves
+
+    return {run.variant: [homo_acc_curves(pretrain_scalars(ablation_folder(out, run, seed))) for seed in seeds]
+            for run in analysis_runs()}
+
+
+def ablations(options: ChainOptions, seeds: Sequence[int]) -> int:
+    """Train and probe every ablation configuration, write the analysis figure and the tables, print both."""
+    from mimbench.pretrain.ablations import ablation_plan, configurations, homo_acc_figure, homo_acc_summary
+    from mimbench.results import read_results
+    from mimbench.tables import render
+    from mimbench.tables.assemble import build_tables
+    from mimbench.tables.build import write_outputs
+
+    started, out = time.perf_counter(), options.out
+    store = out / "results.jsonl"
+
+    def run() -> str:
+        run_steps(ablations_plan(replace(ABLATIONS, seed=options.seed), out, seeds, options.precision),
+                  options.jobs, options.threads)
+        tag_shared_rows(store, configurations(ablation_plan()))
+        curves = analysis_curves(out, seeds)
+        figure = homo_acc_figure(curves, out / "figures" / "homo_acc")
+        tables = build_tables(read_results(store)[0])
+        write_outputs(tables, out / "tables")
+        return "\n\n".join([
+            *(render.markdown(table) for table in tables if table.name.startswith("ablation_")),
+            f"homo_acc per homologous block, seeds {', '.join(map(str, seeds))}: the last quarter's mean (final), the "
+            f"mean step-to-step change after the first quarter (jitter), the step at 90% of the rise (t90)",
+            homo_acc_summary(curves).to_markdown(),
+            f"figure: {', '.join(map(str, figure))}\ntables: {out / 'tables'}/ablation_*.{{md,csv,tex,html}}"])
+
+    print(with_locked_out(options, run))
+    print(f"ablations finished in {(time.perf_counter() - started) / 60:.1f} min (a second run reuses every "
+          "finished step; --fresh starts over)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mimbench.chain", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -707,9 +843,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             command.add_argument("--reuse", action="store_true", help="keep the steps an earlier spread finished")
             command.add_argument("--unpinned", action="store_true",
                                  help="leave the kernel ISA to the machine; writes unpinned_tolerances")
+    command = commands.add_parser("ablations", help="the MixedAE poster's ablations and analysis figure at CPU scale")
+    command.add_argument("--out", type=Path, default=Path("runs/ablations"))
+    command.add_argument("--jobs", type=int, default=DEFAULT_JOBS,
+                         help=f"steps run at once, each on cores/jobs threads (default {DEFAULT_JOBS})")
+    command.add_argument("--fresh", action="store_true", help="start over instead of reusing finished steps")
+    command.add_argument("--seeds", type=int, nargs="+", default=list(ANALYSIS_SEEDS),
+                         help="seeds of the analysis figure's runs (default: %(default)s)")
     args = parser.parse_args(argv)
-    options = ChainOptions(out=args.out, methods=args.methods, jobs=args.jobs)
+    options = ChainOptions(out=args.out, methods=getattr(args, "methods", list(METHODS)), jobs=args.jobs)
     try:
+        if args.command == "ablations":
+            return ablations(replace(options, fresh=args.fresh), args.seeds)
         if args.command == "demo":
             return demo(replace(options, fresh=args.fresh, size=args.size))
         options = replace(options, data_root=args.data_root)

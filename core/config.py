@@ -42,6 +42,27 @@ class RunSpec:
     device: str | None = None  # None: cuda when available
     precision: str = "auto"  # auto | fp32 | bf16 (mimbench.core.runtime)
     results: str | None = None  # the results store; None: $MIMBENCH_RESULTS or results/results.jsonl
+    # key=value labels of the run's records (e.g. ablation=objective variant=L_recon): the tables group rows by them
+    tags: list[str] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        parse_tags(self.tags)  # a malformed tag stops the run before any work
+
+
+def parse_tags(tags: list[str]) -> dict[str, str]:
+    """``RunSpec.tags`` as the record's mapping; a tag without ``=`` is a :class:`ConfigError`."""
+    parsed = {}
+    for tag in tags:
+        key, sep, value = tag.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"tag {tag!r} is not key=value")
+        parsed[key] = value
+    return parsed
+
+
+def record_tags(run: RunSpec, **task_tags: str | None) -> dict[str, str]:
+    """A record's tags: the run's ``--tags`` and the task's own labels (those that are None left out)."""
+    return {**parse_tags(run.tags), **{key: value for key, value in task_tags.items() if value is not None}}
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from mimbench.backbones.vit import ARCHS
-from mimbench.core.config import Embedded, RunSpec, config_parser, exit_status, parse_config, to_dict
+from mimbench.core.config import Embedded, RunSpec, config_parser, exit_status, parse_config, record_tags, to_dict
 from mimbench.core.errors import ConfigError
 from mimbench.core.io import atomic_write, file_sha256
 from mimbench.core.rundir import start_run_on_rank0
@@ -124,7 +124,7 @@ PRESETS = {
                                         probe_dataset="digits", decoder_steps=100, line_points=9),
 }
 DEFAULT_PRESET = "vit_b"
-HARMLESS_ON_RESUME = ("device", "out", "resume", "results", "preset")
+HARMLESS_ON_RESUME = ("device", "out", "resume", "results", "preset", "tags")
 
 
 @dataclass
@@ -388,7 +388,8 @@ def record(config: LandscapeConfig, kind: str, name: str, model: Pretrained, fou
     result = build_result(task="landscape", dataset=found["data"], protocol=kind, metric="width", metrics=metrics,
                           checkpoint=path, metadata=None, sha256=file_sha256(path), method=pretrain_config.run.method,
                           arch=pretrain_config.recipe.arch, seed=config.run.seed, config=to_dict(config),
-                          started=started, device=device, dtype=None, tags={"model": name})
+                          started=started, device=device, dtype=None,
+                          tags=record_tags(config.run, model=name))
     store = append_result(result, config.run.results)
     print(f"{name} {kind}: width {metrics['width']:.3f}, sharpness {metrics['sharpness']:.4f}, convex share "
           f"{metrics['convex_share']:.2f}, λmax {metrics['lambda_max_centre']:.3g} -> {store}", flush=True)

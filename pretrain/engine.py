@@ -155,7 +155,7 @@ DEFAULT_PRESET = "in1k_vit_b"
 # Fields that may differ when a run is resumed: how the machine runs it, not what it computes. Everything else
 # (the recipe, method and its options, data root, seed, precision) must match the run's config.yaml.
 HARMLESS_ON_RESUME = ("num_workers", "save_every_steps", "keep_checkpoints", "compile", "device", "out", "resume",
-                      "preset", "max_bad_image_share")
+                      "preset", "max_bad_image_share", "tags")
 
 
 @dataclass

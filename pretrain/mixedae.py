@@ -50,9 +50,10 @@ first:
 - the lr counts source images (``lr_batch="sources"``: lr = base_lr · source images / 256, as MAE counts images);
   ``"mixtures"`` counts mixed images (m·r per source image);
 - ``homo_acc`` (the paper's "homologous recognition accuracy" curve): share of the TopK keys of each patch query
-  that are homologous patches, in the deepest homologous block, averaged over heads. That block's attention
-  records the indices its TopK kept during the forward pass; without homologous blocks the last block records
-  what TopK would keep of its (unchanged) attention.
+  that are homologous patches, in the deepest homologous block, averaged over heads; ``homo_acc/block<i>`` the
+  same for each homologous block i (the poster's analysis figure, ``python -m mimbench.chain ablations``). Those
+  attentions record the indices their TopK kept during the forward pass; without homologous blocks the last block
+  records what TopK would keep of its (unchanged) attention.
 
 Homologous attention lives here, not in the backbone: :class:`MixedAutoencoder` swaps it into its encoder's blocks
 over the same modules (same parameters, same state-dict keys), and :meth:`MixedAutoencoder.export_encoder` swaps
@@ -368,7 +369,10 @@ class MixedAutoencoder(MaskedAutoencoder):
         if not self.homologous_blocks:
             use_homologous_attention(self.encoder, self.topk, [self.diagnostic_block], sparse=False,
                                      always_kept=always_kept)
-        self.diagnostic_attention.record = True
+        # Every homologous block records its TopK (indices its backward keeps anyway) for its own homo_acc.
+        self.recorded_blocks = self.homologous_blocks or (self.diagnostic_block,)
+        for index in self.recorded_blocks:
+            self.encoder.blocks[index].attn.record = True
 
         if config.segment_embedding:
             self.segment_embed = nn.Parameter(torch.zeros(self.num_sources, self.encoder.embed_dim))
@@ -400,11 +404,6 @@ class MixedAutoencoder(MaskedAutoencoder):
         if self.config.lr_batch == "sources":
             return 1
         return self.config.mixtures_per_group / self.num_sources
-
-    @property
-    def diagnostic_attention(self) -> HomologousAttention:
-        """The attention whose TopK indices give ``homo_acc``."""
-        return self.encoder.blocks[self.diagnostic_block].attn
 
     def num_groups(self, batch: int) -> int:
         if batch % self.num_sources:
@@ -459,8 +458,11 @@ class MixedAutoencoder(MaskedAutoencoder):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         source_ids = self.sample_mixing_mask(images)
         latent = self.forward_encoder(images, source_ids)
-        homo_acc = homologous_accuracy(self.diagnostic_attention.kept_index, source_ids, self.prefix)
-        self.diagnostic_attention.kept_index = None  # read once; not held until the next step
+        homo_acc = {}
+        for index in self.recorded_blocks:
+            attention = self.encoder.blocks[index].attn
+            homo_acc[f"homo_acc/block{index}"] = homologous_accuracy(attention.kept_index, source_ids, self.prefix)
+            attention.kept_index = None  # read once; not held until the next step
         prediction, hidden = self.forward_decoder(latent, source_ids)
         targets = self.source_targets(images, self.mixtures_of(images, source_ids))
         loss_recon = self.reconstruction_loss(targets, prediction, hidden)
@@ -473,7 +475,8 @@ class MixedAutoencoder(MaskedAutoencoder):
         else:
             loss_recon_term = loss_recon
         loss = loss_recon_term + self.config.contrastive_weight * loss_homocon
-        parts = {"loss_recon": loss_recon.detach(), "loss_homocon": loss_homocon.detach(), "homo_acc": homo_acc}
+        parts = {"loss_recon": loss_recon.detach(), "loss_homocon": loss_homocon.detach(),
+                 "homo_acc": homo_acc[f"homo_acc/block{self.diagnostic_block}"], **homo_acc}
         return loss, parts
 
     @torch.no_grad()

@@ -53,10 +53,10 @@ def chosen_method(argv: list[str] | None) -> str:
 
 def parse_args(argv: list[str] | None = None) -> PretrainConfig:
     method = chosen_method(argv)
-    # ckpt, which and results are the evaluation runs' fields; --arch and --method are added once below (the
+    # ckpt, which, results and tags are the evaluation runs' fields; --arch and --method are added once below (the
     # arch is both a run field and the recipe's, and the method has a fixed set of choices).
     parser = config_parser(PretrainConfig, PROG, __doc__, PRESETS, EMBEDDED,
-                           skip={"ckpt", "which", "results", "arch", "method", "method_options", "for_method"})
+                           skip={"ckpt", "which", "results", "tags", "arch", "method", "method_options", "for_method"})
     parser.add_argument("--method", choices=list(METHODS),
                         help=f"(default: a release preset's method, else {PretrainConfig().run.method})")
     parser.add_argument("--arch", help="the ViT to pretrain (default: the preset's)")

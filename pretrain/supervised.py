@@ -316,7 +316,7 @@ class SupervisedTrainer(Trainer):
 def parse_args(argv: list[str] | None = None) -> SupervisedConfig:
     # ckpt and which are the evaluation runs' fields; --arch is both a run field and the recipe's.
     parser = config_parser(SupervisedConfig, PROG, __doc__, PRESETS, EMBEDDED,
-                           skip={"ckpt", "which", "arch"})
+                           skip={"ckpt", "which", "arch", "tags"})
     parser.add_argument("--arch", help="the backbone to train (default: the preset's)")
     config = parse_config(SupervisedConfig, argv, prog=PROG, presets=PRESETS, default_preset=DEFAULT_PRESET,
                           embedded=EMBEDDED, parser=parser)

@@ -46,6 +46,7 @@ LABEL_OF: dict[str, Callable[[Row], object]] = {
     "Group": lambda row: row.group,
     "Variant": lambda row: row.variant,
     "Method": lambda row: row.label,
+    "Recipe": lambda row: row.recipe,
     "Arch": lambda row: row.arch,
     "Pre-train epochs": _epochs,
     "Pre-train GPU-days": lambda row: row.gpu_days,
@@ -69,13 +70,13 @@ def _deltas(rows: list[Row], columns: Sequence[Column]) -> pd.DataFrame:
 
 def _legend(row: Row) -> str:
     epochs = f"{_epochs(row)}ep" if row.epochs is not None else ""
-    return " ".join(part for part in (row.label, row.arch, epochs) if part) + f" ({row.source})"
+    return " ".join(part for part in (row.label, row.recipe, row.arch, epochs) if part) + f" ({row.source})"
 
 
 def _table(name: str, caption: str, rows: list[Row], labels: Sequence[str], columns: Sequence[Column],
            delta_keys: Sequence[str], blocks: Sequence[str]) -> Table:
     notes = [NOTES["seeds"]] + [NOTES["paper"]] * any(r.source == layout.PAPER for r in rows) \
-        + [NOTES["effective"]] * any(r.epochs_note for r in rows)
+        + [NOTES["effective"]] * any(r.epochs_note for r in rows) + [NOTES["recipe"]] * ("Recipe" in labels)
     return Table(name, caption, _frame(with_deltas(rows, delta_keys), labels, columns), list(columns),
                  list(blocks), _deltas(rows, columns), notes)
 
@@ -94,7 +95,8 @@ def build_tables(records: Iterable[Result], *, reference: bool = True,
     (where there are landscape records), then "other results" (always there, maybe empty)."""
     records = list(records)
     transfer = layout.transfer_columns(transfer_protocol)
-    ours, unplaced = our_rows(records, {"main": layout.MAIN_COLUMNS, "transfer": transfer})
+    ours, unplaced = our_rows(records, {"main": layout.MAIN_COLUMNS, "transfer": transfer,
+                                        "embedded": layout.EMBEDDED_COLUMNS})
     paper = paper_rows(reference_dir) if reference else {}
 
     def rows(table: str) -> list[Row]:  # the paper's rows first, as a paper lists its baselines first
@@ -107,7 +109,7 @@ def build_tables(records: Iterable[Result], *, reference: bool = True,
         _table("transfer", CAPTIONS["transfer"].format(protocol=transfer_protocol), rows("transfer"),
                LABELS["transfer"], [*transfer, AVERAGE], [AVERAGE.key], ["Source", "Group"]),
     ]
-    pool = [*layout.MAIN_COLUMNS, *transfer]
+    pool = [*layout.MAIN_COLUMNS, *transfer, *layout.EMBEDDED_COLUMNS]
     for name in sorted({*paper, *ours} - {"main", "transfer", "mpvit", "rcmae"}):
         ablation_rows = rows(name)
         present = [c for c in pool if any(c.key in r.cells for r in ablation_rows)]

@@ -3,7 +3,8 @@
     python -m mimbench.tables.build [--store PATH] [--out tables/out] [--no-reference] [--transfer-protocol P]
 
 Writes ``{main,transfer,ablation_<name>,landscape_<loss>,other}.{md,csv,tex,html}`` and ``deltas_vs_mae.png``, each
-atomically, and prints the Markdown main table.
+atomically, and prints the Markdown main table and every ablation table that holds rows of ours (next to the
+poster's reference rows).
 """
 
 from __future__ import annotations
@@ -67,6 +68,13 @@ def write_outputs(tables: list[Table], out: Path) -> list[Path]:
     return written
 
 
+def shown(tables: list[Table]) -> list[Table]:
+    """What the command prints: the main table, then each ablation table with rows of ours."""
+    ours = [table for table in tables if table.name.startswith("ablation_")
+            and layout.OURS in set(table.frame.get("Source", ()))]
+    return [tables[0], *ours]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     path = store_path(args.store)
@@ -83,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("Writing the paper's reference rows only.", file=sys.stderr)
     tables = build_tables(records, reference=args.reference, transfer_protocol=args.transfer_protocol)
     written = write_outputs(tables, args.out)
-    print(render.markdown(tables[0]))
+    print("\n".join(render.markdown(table) for table in shown(tables)))
     print(f"Wrote {len(written)} files to {args.out}/ ({len(records)} records).", file=sys.stderr)
     return 0
 

@@ -73,6 +73,15 @@ def transfer_columns(protocol: str = TRANSFER_PROTOCOL) -> tuple[Column, ...]:
                  for name, header in TRANSFER_DATASETS)
 
 
+# The embedded sets of the demo and of `python -m mimbench.chain ablations` (toy data: never a benchmark's column);
+# only the ablation tables show them, next to the poster's reference rows.
+EMBEDDED_COLUMNS: tuple[Column, ...] = (
+    Column("digits_linear_top1", "digits linear top-1", "digits lin.", "classification", "digits", "top1", "linear"),
+    Column("coco_embedded_ap_bb", "COCO-emb. AP^bb", "COCO-emb. AP$^{bb}$", "detection", "coco-embedded", "AP_bbox"),
+    Column("coco_embedded_ap_mk", "COCO-emb. AP^mk", "COCO-emb. AP$^{mk}$", "detection", "coco-embedded", "AP_segm"),
+    Column("ade20k_embedded_miou", "ADE-emb. mIoU", "ADE-emb. mIoU", "segmentation", "ade20k-embedded", "mIoU"),
+)
+
 # The MPViT paper's table (Lee et al., CVPR 2022, Tables 2-4): supervised ImageNet-1K top-1 at 224², Mask R-CNN
 # 1x and 3x multi-scale box/mask AP, UperNet 160k mIoU; params and GFLOPs per size.
 MPVIT_COLUMNS: tuple[Column, ...] = (
@@ -138,7 +147,7 @@ ABLATION_TAG, VARIANT_TAG = "ablation", "variant"
 # The label columns of each table, before its metric columns; "Source" says ours or paper.
 LABELS = {
     "main": ("Source", "Method", "Arch", "Pre-train epochs", "Pre-train GPU-days"),
-    "transfer": ("Source", "Group", "Method", "Arch", "Pre-train epochs"),
+    "transfer": ("Source", "Group", "Method", "Recipe", "Arch", "Pre-train epochs"),
     "ablation": ("Source", "Variant", "Method", "Arch", "Pre-train epochs"),
     "mpvit": ("Source", "Method", "Arch"),
     "rcmae": ("Source", "Method", "Arch", "Pre-train epochs"),
@@ -167,6 +176,10 @@ NOTES = {
                   "the share of the curvature grid where λmin ≥ −ε·λmax; λmax: the top Hessian eigenvalue at the "
                   "centre (r, ε: the run's recipe). n counts the seeds of the directions."),
     "mpvit_paper": "paper: Lee et al., MPViT: Multi-Path Vision Transformer for Dense Prediction, CVPR 2022.",
+    "recipe": ("Recipe: how each row fine-tuned (the record's preset): transfer = AdamW with layer decay, lr and "
+               "weight decay chosen on val (ours); ericsson = Ericsson et al.'s protocol (CVPR 2021: SGD with "
+               "Nesterov momentum, 5000 steps, their lr x wd grid on val); linear = a linear probe. The paper's SSL "
+               "ResNet rows are Ericsson et al.'s numbers; its transformer rows name no recipe on the poster (-)."),
     "rcmae_paper": ("paper: Lee et al., Exploring the Role of Mean Teachers in Self-supervised Masked "
                     "Auto-Encoders, ICLR 2023 (its MAE rows are the authors' reproduction)."),
 }

@@ -47,6 +47,7 @@ class Row:
     cells: dict[str, Cell] = field(default_factory=dict)  # by Column.key
     group: str = ""  # the transfer table's row groups
     epochs_note: str = ""
+    recipe: str | None = None  # the transfer table's: the recipe its records name (transfer, ericsson, linear)
 
     @property
     def variant(self) -> str:
@@ -69,6 +70,11 @@ def setting_of(record: Result) -> tuple:
     return display_name(record.method or ""), epochs, record.arch, tags
 
 
+def recipe_of(record: Result) -> str:
+    """The recipe a transfer record trained with: its preset's name, else (a linear probe) its protocol."""
+    return record.config.get("preset") or record.protocol
+
+
 def table_of(record: Result, columns: dict[str, Sequence[Column]]) -> tuple[str, list[tuple[str, float]]]:
     """The table a record belongs to and the (column key, value) cells it fills there; no cells: no table."""
     if not record.method:
@@ -77,7 +83,7 @@ def table_of(record: Result, columns: dict[str, Sequence[Column]]) -> tuple[str,
     if ablation is not None:
         if not record.tags.get(VARIANT_TAG):
             return "", []  # an ablation row needs its variant's name
-        pool = [column for table in ("main", "transfer") for column in columns[table]]
+        pool = [column for table in ("main", "transfer", "embedded") for column in columns.get(table, ())]
         cells = [(c.key, v) for c in pool if (v := c.value_of(record)) is not None]
         return f"ablation_{ablation}", cells
     for table in ("main", "transfer"):
@@ -99,16 +105,17 @@ def our_rows(records: Iterable[Result], columns: dict[str, Sequence[Column]]
             unplaced.append(record)
             continue
         setting = setting_of(record)
+        recipe = recipe_of(record) if table == "transfer" else None  # the transfer table's rows split by recipe
         for key, value in cells:
-            values[table, setting][key].append(value)
+            values[table, setting, recipe][key].append(value)
         if record.pretrain_gpu_days is not None:
             gpu_days[setting].append(record.pretrain_gpu_days)
     rows: dict[str, list[Row]] = defaultdict(list)
-    for (table, setting), by_key in values.items():
+    for (table, setting, recipe), by_key in values.items():
         method, epochs, arch, tags = setting
         cells = {key: Cell.of(found) for key, found in by_key.items()}
         cost = float(np.mean(gpu_days[setting])) if gpu_days[setting] else None  # mean where records disagree
-        rows[table].append(Row(layout.OURS, method, epochs, arch, tags, cost, cells, group="Ours"))
+        rows[table].append(Row(layout.OURS, method, epochs, arch, tags, cost, cells, group="Ours", recipe=recipe))
     for table_rows in rows.values():
         table_rows.sort(key=_our_order)
     for row in rows.get("transfer", []):
@@ -118,7 +125,7 @@ def our_rows(records: Iterable[Result], columns: dict[str, Sequence[Column]]
 
 def _our_order(row: Row) -> tuple:
     return (row.arch or "", row.epochs if row.epochs is not None else math.inf,
-            row.method != BASELINE, row.method, row.variant, row.tags)
+            row.method != BASELINE, row.method, row.variant, row.tags, row.recipe or "")
 
 
 def _add_average(row: Row, transfer: Sequence[Column]) -> None:
@@ -129,11 +136,11 @@ def _add_average(row: Row, transfer: Sequence[Column]) -> None:
 
 def with_deltas(rows: list[Row], keys: Sequence[str]) -> list[Row]:
     """Rows whose ``keys`` cells carry the difference (of the means) to the baseline (MAE) row of the same
-    source, epochs, arch and tags; the paper's rows only where the paper prints one."""
-    baselines = {(r.source, r.epochs, r.arch, r.tags): r for r in rows if r.method == BASELINE}
+    source, epochs, arch, tags and recipe; the paper's rows only where the paper prints one."""
+    baselines = {(r.source, r.epochs, r.arch, r.tags, r.recipe): r for r in rows if r.method == BASELINE}
     updated = []
     for row in rows:
-        base = baselines.get((row.source, row.epochs, row.arch, row.tags))
+        base = baselines.get((row.source, row.epochs, row.arch, row.tags, row.recipe))
         if base is None or row is base or (row.source == layout.PAPER
                                            and row.method not in layout.PAPER_DELTA_METHODS):
             updated.append(row)
@@ -166,7 +173,8 @@ def paper_rows(reference_dir: Path = REFERENCE_DIR) -> dict[str, list[Row]]:
             epochs = int(record["epochs"]) if pd.notna(record.get("epochs", math.nan)) else None
             row = Row(layout.PAPER, record["method"], epochs, None, cells=cells)
             if kind == "transfer":
-                rows["transfer"].append(replace(row, group=record["group"]))
+                recipe = record["recipe"] if pd.notna(record.get("recipe", math.nan)) else None
+                rows["transfer"].append(replace(row, group=record["group"], recipe=recipe))
             elif kind == "ablations":
                 tags = ((ABLATION_TAG, record["ablation"]), (VARIANT_TAG, record["variant"]))
                 rows[f"ablation_{record['ablation']}"].append(replace(row, arch=layout.PAPER_ARCH, tags=tags))

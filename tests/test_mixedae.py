@@ -300,27 +300,36 @@ def test_homologous_topk_and_ratio_are_configurable():
 
 @pytest.mark.parametrize("blocks", [None, (4, 7), ()])
 def test_homo_acc_equals_a_direct_computation_from_q_and_k(monkeypatch, blocks):
-    """homo_acc reads the indices the attention recorded; recompute them from that block's q and k by hand.
-    With no homologous block, the last block's standard attention says what TopK would keep."""
+    """homo_acc reads the indices the attention recorded; recompute them from each block's q and k by hand:
+    homo_acc/block<i> per homologous block, homo_acc the deepest one's. With no homologous block, the last block's
+    standard attention says what TopK would keep."""
     model = tiny_model(homologous_blocks=blocks)
     images = structured_images(8)
     torch.manual_seed(3)
     source_ids = model.sample_mixing_mask(images)
     monkeypatch.setattr(model, "sample_mixing_mask", lambda _: source_ids)
-    block = model.encoder.blocks[{None: 11, (4, 7): 7, (): 11}[blocks]]
-    inputs = []
-    block.attn.register_forward_pre_hook(lambda _, args: inputs.append(args[0].detach()))  # the test's own view
+    recorded = {None: tuple(range(12)), (4, 7): (4, 7), (): (11,)}[blocks]
+    inputs = {}
+    for index in recorded:  # the test's own view of each block's input
+        model.encoder.blocks[index].attn.register_forward_pre_hook(
+            lambda _, args, index=index: inputs.setdefault(index, args[0].detach()))
     _, parts = model(images)
-    (tokens,) = inputs
-    with torch.no_grad():
-        q, k, _ = block.attn.qkv(tokens).reshape(2, 65, 3, 3, 64).permute(2, 0, 3, 1, 4)
-        top_keys = (q @ k.transpose(-2, -1) / 8.0)[:, :, 1:].topk(16, dim=-1).indices  # (G, heads, N, K)
+    assert set(parts) == {"loss_recon", "loss_homocon", "homo_acc", *(f"homo_acc/block{i}" for i in recorded)}
     key_sources = torch.cat([torch.full((2, 1), -1), source_ids], dim=1)  # the class token has no source
-    top_sources = key_sources[:, None, None, :].expand(-1, 3, 64, -1).gather(-1, top_keys)
-    homologous = top_sources == source_ids[:, None, :, None]
-    assert parts["homo_acc"].item() == homologous.float().mean().item()  # 1/8 scales exactly: same TopK
-    assert 0 < parts["homo_acc"] < 1
-    assert block.attn.kept_index is None  # read once, not held until the next step
+    for index in recorded:
+        with torch.no_grad():
+            qkv = model.encoder.blocks[index].attn.qkv(inputs[index])
+            q, k, _ = qkv.reshape(2, 65, 3, 3, 64).permute(2, 0, 3, 1, 4)
+            top_keys = (q @ k.transpose(-2, -1) / 8.0)[:, :, 1:].topk(16, dim=-1).indices  # (G, heads, N, K)
+        top_sources = key_sources[:, None, None, :].expand(-1, 3, 64, -1).gather(-1, top_keys)
+        homologous = top_sources == source_ids[:, None, :, None]
+        # 1/8 scales exactly: the same TopK
+        assert parts[f"homo_acc/block{index}"].item() == homologous.float().mean().item(), index
+        assert 0 < parts[f"homo_acc/block{index}"] < 1
+        assert model.encoder.blocks[index].attn.kept_index is None  # read once, not held until the next step
+    assert torch.equal(parts["homo_acc"], parts[f"homo_acc/block{recorded[-1]}"])
+    if len(recorded) > 1:  # each block its own value
+        assert len({parts[f"homo_acc/block{i}"].item() for i in recorded}) > 1
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.3, 0.75, 1.0])
@@ -342,7 +351,7 @@ def test_forward_parts_visualize_and_reconstruction_targets():
     images = structured_images(8)
     torch.manual_seed(1)
     loss, parts = model(images)
-    assert set(parts) == {"loss_recon", "loss_homocon", "homo_acc"}
+    assert set(parts) == {"loss_recon", "loss_homocon", "homo_acc", *(f"homo_acc/block{i}" for i in range(12))}
     assert all(p.ndim == 0 and not p.requires_grad for p in parts.values())
     expected = parts["loss_recon"] + model.config.contrastive_weight * parts["loss_homocon"]
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
@@ -524,7 +533,8 @@ def test_each_switch_changes_only_its_parameters_and_trains(name):
     names = {n for n, _ in model.named_parameters()}
     assert {f"+{n}" for n in names - default_names} | {f"-{n}" for n in default_names - names} == changed
     loss, parts = run_once(model)
-    assert set(parts) == {"loss_recon", "loss_homocon", "homo_acc"} and torch.isfinite(loss)
+    blocks = {f"homo_acc/block{i}" for i in model.recorded_blocks}
+    assert set(parts) == {"loss_recon", "loss_homocon", "homo_acc", *blocks} and torch.isfinite(loss)
     expected = parts["loss_recon"] + model.config.contrastive_weight * parts["loss_homocon"]
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     loss.backward()

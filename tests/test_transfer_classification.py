@@ -389,7 +389,7 @@ def test_flags_reach_the_protocol_that_runs():
     tuned = parsed("--protocol", "finetune", "--batch-size", "16", "--precision", "fp32", "--seed", "3",
                    "--resume", "--lr-grid", "1e-3", "2e-3", "--tags", "a=b")
     assert (tuned.recipe.batch_size, tuned.recipe.lr_grid, tuned.recipe.wd_grid) == (16, (1e-3, 2e-3), (0.05,))
-    assert (tuned.run.precision, tuned.run.seed, tuned.run.resume, tuned.tags) == ("fp32", 3, True, ["a=b"])
+    assert (tuned.run.precision, tuned.run.seed, tuned.run.resume, tuned.run.tags) == ("fp32", 3, True, ["a=b"])
     # An explicit --base-lr is that one lr (no grid over it), as the chain's `--base-lr 1e-2` always meant.
     single = parsed("--protocol", "finetune", "--base-lr", "1e-2")
     assert (single.recipe.base_lr, single.recipe.lr_grid, single.recipe.wd_grid) == (1e-2, (), (0.05,))
@@ -635,21 +635,22 @@ def test_a_step_budget_runs_exactly_its_steps_on_sgd_nesterov_with_a_cosine_to_z
 
 
 @pytest.mark.slow
-def test_ericsson_recipe_on_digits_runs_its_grid_and_is_scored_on_test(tmp_path, checkpoint):
+def test_ericsson_recipe_on_digits_runs_its_grid_and_is_scored_on_test(tmp_path, resnet_checkpoint):
     store = tmp_path / "results.jsonl"
-    # Their grid's shape at test size: two lrs x two weight decays (w / lr), a 20-step budget.
-    assert main(["digits", "--ckpt", str(checkpoint), "--protocol", "finetune", "--preset", "ericsson",
-                 "--steps", "20", "--image-size", "16", "--hflip", "0", "--lr-grid", "0.05", "0.01",
-                 "--wd-grid", "0", "1e-4", "--num-workers", "0", "--results", str(store),
+    # Their grid's shape at test size: two lrs x two weight decays (w / lr), 40 steps of batch 32 instead of 5000 of
+    # 64, on a ResNet-18 from scratch (their protocol's backbone; the step-budget test above runs it on a ViT).
+    assert main(["digits", "--ckpt", str(resnet_checkpoint), "--protocol", "finetune", "--preset", "ericsson",
+                 "--steps", "40", "--batch-size", "32", "--image-size", "16", "--hflip", "0", "--lr-grid", "0.1",
+                 "0.05", "--wd-grid", "0", "1e-4", "--num-workers", "0", "--results", str(store),
                  "--out", str(tmp_path / "run")]) == 0
     (result,) = records(store)
     assert result.config["preset"] == "ericsson" and result.config["recipe"]["optimizer"] == "sgd-nesterov"
-    assert set(result.config["grid_val_scores"]) == {"lr0.05_wd0", "lr0.05_wd0.002", "lr0.01_wd0", "lr0.01_wd0.01"}
+    assert set(result.config["grid_val_scores"]) == {"lr0.1_wd0", "lr0.1_wd0.001", "lr0.05_wd0", "lr0.05_wd0.002"}
     chosen = max(result.config["grid_val_scores"], key=result.config["grid_val_scores"].get)
     final = result.config["finetune"]
     assert chosen == f"lr{final['base_lr']:g}_wd{final['weight_decay']:g}"
-    # Scored on test by the final trainval run (20 steps teach a random tiny ViT little: the fast step-budget test
-    # checks the optimizer and schedule exactly).
+    # Scored on test by the final trainval run, and it learns: chance is 10% (measured: test 50.1, val 61.1 in bf16).
     final_result = json.loads((tmp_path / "run" / "final" / "result.json").read_text())
-    assert result.value == pytest.approx(final_result["score"], abs=1e-4) and final_result["config"]["steps"] == 20
+    assert result.value == pytest.approx(final_result["score"], abs=1e-4) and final_result["config"]["steps"] == 40
+    assert result.value > 30 and max(result.config["grid_val_scores"].values()) > 30
     assert final_result["config"]["weight_decay"] == final["weight_decay"]

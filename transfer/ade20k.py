@@ -69,7 +69,7 @@ from mimbench.backbones.contract import BackboneContract, backbone_contract  # n
 from mimbench.backbones.layer_decay import layer_decay_param_groups  # noqa: E402
 from mimbench.backbones.vit import create_backbone  # noqa: E402
 from mimbench.backbones.vit_additions import add_layer_scale, add_relative_position_bias  # noqa: E402
-from mimbench.core.config import Embedded, RunSpec, exit_status, parse_config, to_dict  # noqa: E402
+from mimbench.core.config import Embedded, RunSpec, exit_status, parse_config, record_tags, to_dict  # noqa: E402
 from mimbench.core.errors import ConfigError, DatasetError  # noqa: E402
 from mimbench.core.io import file_sha256  # noqa: E402
 from mimbench.core.record import build_result  # noqa: E402
@@ -199,7 +199,7 @@ class Ade20kConfig:
 # Fields that may differ when a run is continued or scored: a longer schedule extends a run (as mmengine's resume
 # does); the rest is logging, workers, where records go, what this invocation does and where the folder now is.
 HARMLESS = ("max_iters", "val_interval", "checkpoint_interval", "log_interval", "num_workers", "overlays", "results",
-            "resume", "eval_only", "weights", "out")
+            "resume", "eval_only", "weights", "out", "tags")
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -807,7 +807,8 @@ def train_and_record(config: Ade20kConfig, data: SegmentationData, work_dir: Pat
     result = build_result(task="segmentation", dataset=data.name, protocol="upernet", metric="mIoU", metrics=metrics,
                           checkpoint=run.ckpt, metadata=report.metadata, sha256=sha256, method=run.method, arch=arch,
                           seed=run.seed, config={**to_dict(config), **facts}, started=started, device=device,
-                          dtype=dtype, tags={"subset": f"first{config.subset}"} if config.subset is not None else {},
+                          dtype=dtype,
+                          tags=record_tags(run, subset=None if config.subset is None else f"first{config.subset}"),
                           **backbone_size(arch))
     if dtype == torch.float16:  # core's precision names are bf16 and fp32; this fallback is neither
         result.precision = result.compute["precision"] = "fp16"

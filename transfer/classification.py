@@ -41,7 +41,7 @@ import torch.nn as nn
 
 from mimbench.backbones.checkpoint import backbone_from_checkpoint
 from mimbench.backbones.cli import backbone_size
-from mimbench.core.config import RunSpec, config_parser, parse_config, to_dict, with_overrides
+from mimbench.core.config import RunSpec, config_parser, parse_config, record_tags, to_dict, with_overrides
 from mimbench.core.errors import ConfigError
 from mimbench.core.io import atomic_write, file_sha256
 from mimbench.core.rundir import RunLock, start_run_on_rank0
@@ -112,7 +112,6 @@ class ClassificationConfig:
     # record is tagged subset=per_class<N>, so it is never mistaken for the full benchmark.
     per_class: int | None = None
     cache_dir: str = "runs/feature_cache"  # the linear probe's features, shared by every run
-    tags: list[str] = field(default_factory=list)  # key=value, e.g. ablation=objective variant=recon
 
 
 def default_preset(dataset: str | None, protocol: str) -> str | None:
@@ -193,18 +192,7 @@ def check_config(config: ClassificationConfig) -> DatasetSpec:
         raise ConfigError(f"--precision {config.run.precision}: choose one of {', '.join(PRECISIONS)}")
     if config.run.which not in ("teacher", "student"):
         raise ConfigError(f"--which {config.run.which}: choose teacher or student")
-    parse_tags(config.tags)
     return DATASETS[config.dataset]
-
-
-def parse_tags(tags: list[str]) -> dict[str, str]:
-    parsed = {}
-    for tag in tags:
-        key, sep, value = tag.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"tag {tag!r} is not key=value")
-        parsed[key] = value
-    return parsed
 
 
 def run_directory(config: ClassificationConfig, checkpoint_sha256: str) -> Path:
@@ -258,9 +246,7 @@ def run_classification(config: ClassificationConfig) -> Result:
         print(report.summary(), flush=True)
     split = split_reader(config, spec)
     split("test")  # a missing dataset stops here, before any work
-    tags = parse_tags(config.tags)
-    if config.per_class is not None:
-        tags["subset"] = f"per_class{config.per_class}"
+    tags = record_tags(run, subset=None if config.per_class is None else f"per_class{config.per_class}")
     started = time.perf_counter()
     checkpoint_sha256 = file_sha256(run.ckpt)
     out = run_directory(config, checkpoint_sha256)

@@ -83,7 +83,7 @@ from mimbench.backbones.cli import backbone_size
 from mimbench.backbones.contract import BackboneContract, backbone_contract
 from mimbench.backbones.layer_decay import layer_decay_param_groups
 from mimbench.backbones.vit import ARCHS, create_backbone
-from mimbench.core.config import Embedded, RunSpec, config_parser, exit_status, parse_config, to_dict
+from mimbench.core.config import Embedded, RunSpec, config_parser, exit_status, parse_config, record_tags, to_dict
 from mimbench.core.errors import ConfigError, TrainingDiverged
 from mimbench.core.io import file_sha256
 from mimbench.core.rundir import CONFIG_NAME, RunLock, differing_fields, read_config, start_run
@@ -229,7 +229,8 @@ class CocoConfig:
 # it checkpoints, not the model or the data (out: the folder is the one compared, however it is spelled). max_iter
 # too: a resume may extend a run (the schedule follows the new length).
 HARMLESS = ("resume", "eval_only", "weights", "out", "results", "num_workers", "visualize", "num_gpus",
-            "num_machines", "machine_rank", "dist_url", "log_period", "eval_period", "checkpoint_period", "max_iter")
+            "num_machines", "machine_rank", "dist_url", "log_period", "eval_period", "checkpoint_period", "max_iter",
+            "tags")
 
 
 # ----------------------------------------------------------------------------------------------- the detector
@@ -644,7 +645,8 @@ def run_coco(config: CocoConfig) -> Result | None:
         seed=run.seed, config={**to_dict(config), "resolved_recipe": asdict(recipe),
                                "processes": comm.get_world_size()},
         started=started, device=device, dtype=dtype,
-        tags={"subset": f"first{config.subset}"} if config.subset is not None else {}, **backbone_size(run.arch))
+        tags=record_tags(run, subset=None if config.subset is None else f"first{config.subset}"),
+        **backbone_size(run.arch))
     store = append_result(result, run.results)
     summary = ", ".join(f"{k} {v:.1f}" for k, v in metrics.items() if k.startswith(("AP_", "AP50_", "AP75_")))
     print(f"COCO Mask R-CNN ({dataset}): {summary} -> {store}", flush=True)
