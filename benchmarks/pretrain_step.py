@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, goal in GOALS.items():
             if name in names:
                 ratio = seconds[name, mode] / seconds["mae", mode]
-                print(f"ratio {name}/mae {mode} = {ratio:.3f} (goal <= {goal}: {'met' if ratio <= goal else 'NOT met'})")
+                verdict = "met" if ratio <= goal else "NOT met"
+                print(f"ratio {name}/mae {mode} = {ratio:.3f} (goal <= {goal}: {verdict})")
         for name, poster in POSTER_RATIOS.items():
             if name in names and "mixedae" in names:
                 print(f"ratio {name}/mixedae {mode} = {seconds[name, mode] / seconds['mixedae', mode]:.2f} step "

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import logging
 import statistics
 import sys
 import time
 import types
+import warnings
 
 import torch
 
@@ -54,15 +56,18 @@ def import_mmpretrain() -> tuple[object, object, object]:
     stand_in("modelindex.load_model_index", load=None)
     stand_in("modelindex.models.Model", Model=object)
     stand_in("einops", rearrange=None, repeat=None)
+    warnings.filterwarnings("ignore", message="Fail to import ``MultiScaleDeformableAttention``")  # mmcv-lite: no ops
     try:
         version = importlib.metadata.version("mmpretrain")
         import mmpretrain.models  # noqa: F401  registers MAE, MAEViT, the decoder and head
+        from mmengine.logging import MMLogger
         from mmengine.optim import build_optim_wrapper
         from mmengine.runner.amp import autocast
         from mmpretrain.registry import MODELS
     except (ImportError, importlib.metadata.PackageNotFoundError) as error:
         sys.exit(f"error: MMPretrain {MMPRETRAIN} is needed ({error}); install it beside mmengine and mmcv-lite "
                  f"with: pip install --no-deps mmpretrain=={MMPRETRAIN}")
+    MMLogger.get_current_instance().setLevel(logging.WARNING)  # not a line per parameter of every model built
     if version != MMPRETRAIN:
         print(f"note: MMPretrain {version} installed; this comparison was written for {MMPRETRAIN}", flush=True)
     return MODELS, build_optim_wrapper, autocast

@@ -271,8 +271,10 @@ def compile_wanted(setting: str, device_type: str, total_steps: int) -> bool:
     return device_type == "cuda" and total_steps >= COMPILE_MIN_STEPS
 
 
-def forward_backward(forward: Callable, images: torch.Tensor, device: torch.device, dtype: torch.dtype | None,
-                     accum_steps: int = 1, check: Callable[[torch.Tensor], None] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def forward_backward(
+    forward: Callable, images: torch.Tensor, device: torch.device, dtype: torch.dtype | None, accum_steps: int = 1,
+    check: Callable[[torch.Tensor], None] | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One micro-batch: the method's forward under the run's autocast, ``check(loss)`` if given, and the backward of
     its share of the step's loss. Returns the loss and its logged parts."""
     with autocast(device, dtype):
