@@ -25,6 +25,7 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -62,6 +63,15 @@ ONE_STEP = MicroBatch(index_in_epoch=0, per_epoch=1, epochs=100, step=1, total_s
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def timed(step: Callable[[], None], device: torch.device) -> float:
+    """Seconds of one call of ``step``, the device's queued work included."""
+    synchronize(device)
+    start = time.perf_counter()
+    step()
+    synchronize(device)
+    return time.perf_counter() - start
 
 
 def matmul_flops_per_second(device: torch.device, dtype: torch.dtype | None, size: int = 2048) -> float:
@@ -114,11 +124,7 @@ class MethodStep:
             raise FloatingPointError(f"{self.name}: the loss is {loss.item()}")
 
     def seconds(self) -> float:
-        synchronize(self.device)
-        start = time.perf_counter()
-        self.step()
-        synchronize(self.device)
-        return time.perf_counter() - start
+        return timed(self.step, self.device)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -22,13 +22,12 @@ import importlib.metadata
 import logging
 import statistics
 import sys
-import time
 import types
 import warnings
 
 import torch
 
-from mimbench.benchmarks.pretrain_step import MethodStep, synchronize
+from mimbench.benchmarks.pretrain_step import MethodStep, timed
 from mimbench.core.runtime import autocast_dtype, precision_name
 
 GOAL = 0.8  # ours ÷ MMPretrain's step time
@@ -37,9 +36,9 @@ MMPRETRAIN = "1.2.0"
 
 def import_mmpretrain() -> tuple[object, object, object]:
     """MMPretrain's model registry, mmengine's optimizer-wrapper builder and autocast, after the stand-ins its
-    package import needs in our venv. ``pip install --no-deps`` (mmpretrain's requirements pin mmcv>=2.0.0rc4 of the
-    full build, which would replace our mmcv-lite) leaves out three of its declared runtime requirements that
-    ``import mmpretrain`` loads while MAE never calls them (no upstream issue: they are declared, only skipped):
+    package import needs in our venv. ``pip install --no-deps`` (beside the mmengine and mmcv-lite already there)
+    leaves out its declared requirements; three of them ``import mmpretrain`` loads while MAE never calls them (no
+    upstream issue: they are declared, and only skipped here):
     ``importlib_metadata`` (``mmpretrain/utils/dependency.py``; the standard library's ``importlib.metadata`` is
     the same API), ``modelindex`` (``mmpretrain/apis/model.py``: the model zoo's index) and ``einops``
     (``mmpretrain/models/utils/vector_quantizer.py``: BEiT v2's tokenizer)."""
@@ -112,11 +111,7 @@ class MMPretrainStep:
             self.model.train_step(self.data, self.optim_wrapper)
 
     def seconds(self) -> float:
-        synchronize(self.device)
-        start = time.perf_counter()
-        self.step()
-        synchronize(self.device)
-        return time.perf_counter() - start
+        return timed(self.step, self.device)
 
 
 def compare(args: argparse.Namespace, device: torch.device, precision: str) -> float:

@@ -169,7 +169,7 @@ class PretrainConfig:
 
 
 COMPILE_CHOICES = ("auto", "on", "off")
-# torch.compile costs ~1-2 min before the first step (97 s for a ViT-B MAE step on a CPU, issue 20) and then saves
+# torch.compile costs ~1-2 min before the first step (97 s for a ViT-B MAE step on a 2-core CPU) and then saves
 # ~10-25% of each step; on a GPU step of ~0.3 s that is ~0.05 s, so the compile pays back after ~2000 steps. Shorter
 # runs (every CPU demo, smoke runs) stay eager; "on" / "off" override.
 COMPILE_MIN_STEPS = 2000
