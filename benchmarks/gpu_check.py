@@ -64,7 +64,7 @@ FULL = CheckSize(
     arch="vit_base_patch16_224",
     step_flags=("--batch-size", "128", "--precision", "bf16", "--compile"),
     pretrain_flags=("--preset", "in1k_vit_b", "--batch-size", "64", "--total-batch-size", "64", "--epochs", "1",
-                    "--warmup-epochs", "1", "--no-compile"),
+                    "--warmup-epochs", "1", "--compile", "off"),
     jpegs=(256, 500, 375),
     digits_flags=("--per-class", "30", "--epochs", "1", "--base-lr", "1e-2", "--weight-decay", "0.05",
                   "--image-size", "32"),

@@ -12,7 +12,8 @@ epoch, what is exported) and the class's lr reference batch and betas, and exten
 - AdamW (β 0.9/0.95) with MAE's weight-decay groups (`weight_decay_groups`), lr = base_lr · effective batch / 256,
   per-step warmup + half-cycle cosine (MAE); gradient accumulation to reach the recipe's total batch on any number
   of GPUs; bf16 autocast where it pays (``mimbench.core.runtime``; the releases use fp16 with a GradScaler, which
-  bf16's range makes unnecessary); ``torch.compile`` on CUDA unless disabled;
+  bf16's range makes unnecessary); AdamW's fused kernel where torch has one for the device; ``torch.compile``
+  where it pays (`compile_wanted`: long runs on CUDA);
 - ``init``: the run starts from a full pretraining checkpoint (official MAE / RC-MAE, or ours), every tensor of
   the model loaded from it (`mimbench.backbones.checkpoint.load_pretraining_checkpoint`), with a fresh optimizer;
 - exact resume: the random state of every micro-batch is a pure function of (seed, micro-batch index) and
@@ -34,9 +35,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.optim import param_groups_weight_decay
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 from torch.utils.data import DataLoader, Dataset
 from torchvision.utils import save_image
 from tqdm import tqdm
@@ -115,7 +119,7 @@ class PretrainRecipe:
     num_workers: int = loader_workers()
     save_every_steps: int = 1000
     keep_checkpoints: int = 2
-    compile: bool | None = None  # None: on CUDA only
+    compile: str = "auto"  # auto | on | off; auto: on CUDA for runs of at least COMPILE_MIN_STEPS (compile_wanted)
     for_method: str | None = None  # the method whose release this recipe reproduces; None: any method
     # The method's own options (MAEConfig, RCMAEConfig, MixedAEConfig fields); unset ones keep their papers' values.
     method_options: dict[str, Any] = field(default_factory=dict)
@@ -170,6 +174,13 @@ class PretrainConfig:
     # loaded from it (an MAE from an RC-MAE file takes its teacher; an RC-MAE from an MAE file, that model for both
     # halves); the optimizer and schedule start afresh. Ignored when the run resumes from its own checkpoint.
     init: str | None = None
+
+
+COMPILE_CHOICES = ("auto", "on", "off")
+# torch.compile costs ~1-2 min before the first step (97 s for a ViT-B MAE step on a 2-core CPU) and then saves
+# ~10-25% of each step; on a GPU step of ~0.3 s that is ~0.05 s, so the compile pays back after ~2000 steps. Shorter
+# runs (every CPU demo, smoke runs) stay eager; "on" / "off" override.
+COMPILE_MIN_STEPS = 2000
 
 
 # ------------------------------------------------------------------------------------------ small pieces
@@ -248,6 +259,59 @@ def pretrain_loader(dataset: Dataset, sampler: ShardedSampler, recipe: PretrainR
                       generator=torch.Generator().manual_seed(seed))
 
 
+def build_optimizer(groups: list[dict[str, Any]], lr: float, device: torch.device,
+                    betas: tuple[float, float] = (0.9, 0.95)) -> torch.optim.AdamW:
+    """AdamW over ``groups`` (MAE's: `weight_decay_groups`), with torch's fused kernel where it has one for the device
+    (one kernel over all tensors instead of a loop of small ops; the same update to ~1e-7 relative)."""
+    fused = device.type in _get_fused_kernels_supported_devices()
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+
+
+def choose_attention_kernels(model: nn.Module, device: torch.device, dtype: torch.dtype | None) -> None:
+    """timm's attention through ``scaled_dot_product_attention`` everywhere but under bf16 on a CPU, where its
+    matmul-softmax-matmul path is faster: torch's CPU flash kernel took 73 ms for a ViT-B decoder layer's forward and
+    backward (batch 8, 16 heads of 32, 197 tokens) against 27 ms, and 24 against 5 ms for an encoder layer's 50
+    tokens (benchmarks/pretrain_step.py: ~10% of an MAE step). In fp32 the flash kernel is as fast or faster, so fp32
+    runs keep it, and their numbers."""
+    fused = not (device.type == "cpu" and dtype == torch.bfloat16)
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):  # timm's Attention and MixedAE's HomologousAttention
+            module.fused_attn = fused
+
+
+def compile_wanted(setting: str, device_type: str, total_steps: int) -> bool:
+    """Whether the run's forward is compiled: ``on`` / ``off`` as said; ``auto`` on CUDA for runs of at least
+    `COMPILE_MIN_STEPS` optimizer steps only."""
+    if setting not in COMPILE_CHOICES:
+        raise ConfigError(f"--compile {setting!r}: choose one of {', '.join(COMPILE_CHOICES)}")
+    if setting != "auto":
+        return setting == "on"
+    return device_type == "cuda" and total_steps >= COMPILE_MIN_STEPS
+
+
+def method_loss(forward: Callable, images: torch.Tensor, device: torch.device,
+                dtype: torch.dtype | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A pretraining method's loss and logged parts for one micro-batch, under the run's autocast."""
+    with autocast(device, dtype):
+        return forward(images.to(device, non_blocking=True))
+
+
+def forward_backward(loss_of: Callable[[], tuple[torch.Tensor, dict[str, Any]]], accum_steps: int = 1,
+                     check: Callable[[torch.Tensor], None] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """One micro-batch: its loss (``loss_of()``), ``check(loss)`` if given, and the backward of its share of the
+    step's loss. Returns the loss and its logged parts."""
+    loss, parts = loss_of()
+    if check is not None:
+        check(loss)
+    (loss / accum_steps).backward()
+    return loss, parts
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def checkpoint_paths(out: Path) -> list[Path]:
     """Resumable checkpoints in ``out/checkpoints``, oldest first."""
     paths = (out / "checkpoints").glob("step_*.pth")
@@ -279,6 +343,7 @@ class Trainer:
         self.dataset = self.build_dataset()
         torch.manual_seed(run.seed)  # identical initial weights on every rank
         self.model = self.build_model().to(self.device)
+        choose_attention_kernels(self.model, self.device, self.dtype)
         self.sampler = ShardedSampler(len(self.dataset), self.dist.world_size, self.dist.rank, seed=run.seed,
                                       batch_size=recipe.batch_size)
         self.accum_steps = accumulation_steps(recipe, self.dist.world_size)
@@ -296,9 +361,9 @@ class Trainer:
         if self.dist.world_size > 1:
             self.ddp = DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda"
                                                else None)
-        compile_model = recipe.compile if recipe.compile is not None else self.device.type == "cuda"
-        self.forward = torch.compile(self.ddp) if compile_model else self.ddp
-        self.optimizer = torch.optim.AdamW(self.parameter_groups(), lr=self.peak_lr, betas=self.betas)
+        self.compiled = compile_wanted(recipe.compile, self.device.type, self.total_steps)
+        self.forward = torch.compile(self.ddp) if self.compiled else self.ddp
+        self.optimizer = build_optimizer(self.parameter_groups(), self.peak_lr, self.device, self.betas)
 
         self.step = 0  # optimizer steps done
         self.wall_seconds = 0.0  # across every segment of a resumed run
@@ -329,8 +394,7 @@ class Trainer:
 
     def micro_batch_loss(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         """The loss of one micro-batch (the loader's inputs), with its random state already seeded."""
-        with autocast(self.device, self.dtype):
-            return self.forward(images.to(self.device, non_blocking=True))
+        return method_loss(self.forward, images, self.device, self.dtype)
 
     def finish_epoch(self, epoch: int) -> None:
         """After an epoch's last step, before its checkpoint: the unreadable count and a figure."""
@@ -418,7 +482,8 @@ class Trainer:
                 print(f"{self.config.run.method} {self.config.recipe.arch} ({self.config.preset}): "
                       f"{self.config.recipe.epochs} epochs x {self.steps_per_epoch} steps, effective batch "
                       f"{self.effective_batch}, lr {self.peak_lr:.2e}, {self.device} {precision_name(self.dtype)}, "
-                      f"{self.dist.world_size} process(es), data {self.dataset.description}, {where}", flush=True)
+                      f"{self.dist.world_size} process(es){', compiled' if self.compiled else ''}, data "
+                      f"{self.dataset.description}, {where}", flush=True)
             while self.step < self.total_steps:
                 self.train_epoch(self.step // self.steps_per_epoch)
             return self.export()
@@ -450,16 +515,14 @@ class Trainer:
                 torch.manual_seed(micro_batch_seed(run.seed, global_micro))
                 sync = contextlib.nullcontext() if last_micro or self.ddp is self.model else self.ddp.no_sync()
                 with sync:
-                    loss, parts = self.micro_batch_loss(*inputs)
-                    self.check_finite(loss, epoch)
-                    (loss / micro_per_step).backward()
+                    loss, parts = forward_backward(functools.partial(self.micro_batch_loss, *inputs), micro_per_step,
+                                                   check=lambda value: self.check_finite(value, epoch))
                 index_in_epoch = start_in_epoch * micro_per_step + micro
                 micro += 1
                 if last_micro:
                     self.count_unreadable(unreadable)
                     unreadable = []
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                    optimizer_step(self.optimizer)
                     self.step += 1
                     self.images_seen += self.effective_batch
                 method_logs = self.after_micro_batch(index_in_epoch, last_micro)

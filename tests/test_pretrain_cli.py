@@ -261,7 +261,7 @@ def test_resuming_with_harmless_changes_continues(finished, tmp_path):
     original, args = finished
     out = tmp_path / "copy"
     shutil.copytree(original, out)
-    harmless = ["--num-workers", "1", "--save-every-steps", "7", "--keep-checkpoints", "3", "--no-compile",
+    harmless = ["--num-workers", "1", "--save-every-steps", "7", "--keep-checkpoints", "3", "--compile", "off",
                 "--device", "cpu", "--max-bad-image-share", "0.2"]
     assert main([*args, *harmless, "--out", str(out), "--resume"]) == 0
     expected, got = load_file(original / "encoder.safetensors"), load_file(out / "encoder.safetensors")

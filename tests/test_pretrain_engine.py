@@ -160,17 +160,17 @@ def test_two_gloo_processes_equal_one_process_with_accumulation(tmp_path, free_p
 
 def test_flags_follow_the_config_dataclasses(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # --embedded writes the photo set under ./runs/datasets
-    config = parse_args(["--method", "mixedae", "--embedded", "--no-compile", "--mixing-ratio", "0.5",
+    config = parse_args(["--method", "mixedae", "--embedded", "--compile", "off", "--mixing-ratio", "0.5",
                          "--homologous-blocks", "10", "11", "--no-segment-embedding", "--epochs", "4"])
     recipe = config.recipe
-    assert recipe.compile is False and recipe.epochs == 4 and recipe.arch == "vit_tiny_patch4_32"
+    assert recipe.compile == "off" and recipe.epochs == 4 and recipe.arch == "vit_tiny_patch4_32"
     assert config.run.method == "mixedae" and config.preset == "embedded_cpu"
     assert recipe.method_options["mixing_ratio"] == 0.5
     assert recipe.method_options["homologous_blocks"] == (10, 11)
     assert recipe.method_options["segment_embedding"] is False
     assert recipe.method_options["decoder_dim"] == 128  # the embedded preset's small decoder
-    assert parse_args(["--method", "mae", "--data-root", "/data", "--compile"]).recipe.compile is True
-    assert parse_args(["--method", "mae", "--data-root", "/data"]).recipe.compile is None  # None: on CUDA only
+    assert parse_args(["--method", "mae", "--data-root", "/data", "--compile", "on"]).recipe.compile == "on"
+    assert parse_args(["--method", "mae", "--data-root", "/data"]).recipe.compile == "auto"
 
 
 # ------------------------------------------------------------------------------------- RC-MAE's teacher
