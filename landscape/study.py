@@ -50,8 +50,8 @@ def plan(out: Path, seeds: Sequence[int]) -> list[list[tuple[Path, list[str]]]]:
                                          "--out", str(out / method)))
                    for method in ("mae", "rcmae")]
     pretraining.append((out / "supervised", script(
-        "pretrain/run.py", "--method", "supervised", "--embedded", "--data-root", digits, *schedule, "--results", store,
-        "--out", str(out / "supervised"))))
+        "pretrain/run.py", "--method", "supervised", "--embedded", "--preset", "embedded_cpu_vit", "--data-root",
+        digits, *schedule, "--results", store, "--out", str(out / "supervised"))))
     models = [str(folder) for folder, _ in pretraining]
     landscapes = [(out / f"seed{seed}", script("landscape/run.py", "--embedded", "--data-root", photos, "--ckpt",
                                                *models, "--loss", *LOSSES, "--seed", str(seed), "--results", store,

@@ -155,7 +155,9 @@ def test_the_demo_adds_the_supervised_encoders_and_the_ci_plan_is_the_regression
         assert command[command.index("--method") + 1] == "supervised" and "--embedded" in command
         assert command[command.index("--arch") + 1] == arch
         assert command[command.index("--data-root") + 1] == str(tmp_path / "datasets" / "digits-labelled")
-        assert command[command.index("--epochs") + 1] == str(chain.SUPERVISED["demo"][arch])
+        preset, epochs = chain.SUPERVISED["demo"][arch]
+        assert command[command.index("--epochs") + 1] == str(epochs)
+        assert command[command.index("--preset") + 1] == preset
     assert mpvit.after == () and vit.after == (mpvit.name,)  # the first one writes the labelled set
     coco = by_name["coco supervised-mpvit_nano_cpu"]
     assert str(tmp_path / "supervised-mpvit_nano_cpu" / "encoder.safetensors") in coco.command
