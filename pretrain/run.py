@@ -43,10 +43,10 @@ def chosen_method(argv: list[str] | None) -> str:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--method", choices=[*METHODS, "supervised"])
     pre.add_argument("--config")
-    pre.add_argument("--preset", choices=list(PRESETS))
+    pre.add_argument("--preset")  # checked by the chosen method's own parser (supervised has its own presets)
     known = pre.parse_known_args(argv)[0]
     saved = read_config(known.config).get("run") if known.config else None
-    preset_method = PRESETS[known.preset].for_method if known.preset else None
+    preset_method = PRESETS[known.preset].for_method if known.preset in PRESETS else None
     method = known.method or preset_method or (saved.get("method") if isinstance(saved, dict) else None)
     return method or PretrainConfig().run.method
 

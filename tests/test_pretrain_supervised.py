@@ -147,3 +147,15 @@ def test_the_pretrain_entry_point_takes_supervised_and_a_bad_root_is_one_line(tm
                               str(tmp_path / "out"), "--device", "cpu"]) == 1
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "ImageNet's layout" in error[0]
+
+
+def test_a_supervised_preset_reaches_its_own_parser(tmp_path):
+    """--preset names a supervised preset through pretrain/run.py (not only the MAE family's): the ViT preset with
+    its own lr, whole-digit crops, no flips and no mixing."""
+    argv = ["--method", "supervised", "--preset", "embedded_cpu_vit", "--data-root", str(tmp_path)]
+    assert pretrain_run.chosen_method(argv) == "supervised"
+    config = parse_args(argv)
+    assert config.recipe.arch == "vit_tiny_patch4_32" and config.recipe.base_lr == pytest.approx(4e-3)
+    assert (config.recipe.crop_scale, config.recipe.hflip, config.recipe.mixup) == ((0.6, 1.0), 0.0, 0.0)
+    with pytest.raises(SystemExit):  # an engine preset is not a supervised one: argparse names the choices
+        parse_args(["--method", "supervised", "--preset", "mae_vitb_1600"])
