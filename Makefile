@@ -7,6 +7,8 @@ BIN    := $(VENV)/bin
 # torch is pinned here rather than in pyproject.toml so GPU users can keep their own build.
 TORCH  := torch==2.14.1 torchvision==0.29.1
 SETUP  := $(VENV)/.setup-done
+# Test processes (pytest-xdist): one per core of this 2-core machine, each on one thread (tests/conftest.py).
+TEST_JOBS ?= 2
 
 .PHONY: setup demo test test-fast lint regression regression-update tables landscape ablations summary clean
 
@@ -42,11 +44,11 @@ ablations: $(SETUP)
 	$(BIN)/python -m mimbench.chain ablations $(if $(FRESH),--fresh)
 
 test: $(SETUP)
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_JOBS) --dist worksteal
 
 # The developer loop: everything but the end-to-end runs (tests marked `slow`), a few minutes.
 test-fast: $(SETUP)
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest -n $(TEST_JOBS) --dist worksteal -m "not slow"
 
 lint: $(SETUP)
 	$(BIN)/ruff check .

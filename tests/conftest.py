@@ -1,9 +1,20 @@
-"""Shared fixtures."""
+"""Shared fixtures, and one thread per test process."""
 
+import os
 import socket
 
 import pytest
 import torch
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """`make test` runs one pytest-xdist worker per core: each worker and the processes its tests start (torchrun,
+    entry points; a test that wants other counts sets them itself) compute on one thread, so the workers never
+    oversubscribe the cores."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        os.environ.setdefault("MKL_NUM_THREADS", "1")
+        torch.set_num_threads(1)
 
 
 @pytest.fixture
