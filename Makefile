@@ -9,6 +9,7 @@ TORCH  := torch==2.14.1 torchvision==0.29.1
 SETUP  := $(VENV)/.setup-done
 # Test processes (pytest-xdist): one per core of this 2-core machine, each on one thread (tests/conftest.py).
 TEST_JOBS ?= 2
+PYTEST := $(BIN)/pytest -n $(TEST_JOBS) --dist worksteal
 
 .PHONY: setup demo test test-fast lint regression regression-update tables landscape ablations summary clean
 
@@ -44,11 +45,11 @@ ablations: $(SETUP)
 	$(BIN)/python -m mimbench.chain ablations $(if $(FRESH),--fresh)
 
 test: $(SETUP)
-	$(BIN)/pytest -n $(TEST_JOBS) --dist worksteal
+	$(PYTEST)
 
 # The developer loop: everything but the end-to-end runs (tests marked `slow`), a few minutes.
 test-fast: $(SETUP)
-	$(BIN)/pytest -n $(TEST_JOBS) --dist worksteal -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: $(SETUP)
 	$(BIN)/ruff check .
