@@ -89,12 +89,16 @@ def peak_memory_gb(device: torch.device) -> float:
 
 @functools.cache
 def cpu_has_native_bf16() -> bool:
-    """True when /proc/cpuinfo lists a native bf16 instruction set (Linux; elsewhere assume not)."""
+    """True when /proc/cpuinfo lists a native bf16 instruction set (Linux; elsewhere assume not) and torch's
+    kernels may use it: with the ISA capped to AVX2 (ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2) bf16 is
+    emulated as on an AVX2-only CPU."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    return any(flag in flags.split() for flag in NATIVE_BF16_FLAGS)
+    capped = cpu_capability() in ("DEFAULT", "AVX2") or os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in (
+        "SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2")
+    return not capped and any(flag in flags.split() for flag in NATIVE_BF16_FLAGS)
 
 
 def autocast_dtype(device: str | torch.device, precision: str = "auto") -> torch.dtype | None:

@@ -230,11 +230,13 @@ def test_parallel_steps_respect_their_order_and_report_a_failure(tmp_path):
     first = step("first", f"import time; time.sleep(1); open({str(tmp_path / 'a')!r}, 'w').write('a')")
     needs_first = step("needs-first", f"import os; assert os.path.exists({str(tmp_path / 'a')!r}); print('threads',"
                                       f" os.environ['OMP_NUM_THREADS'])", after=("first",))
-    free = step("free", "print('free')")
+    free = step("free", "import time; started = time.process_time()\nwhile time.process_time() - started < 0.5: pass")
     log = io.StringIO()
     run_steps([first, needs_first, free], jobs=2, threads=1, log=log)
-    lines = log.getvalue().splitlines()
-    assert lines.index("[3/3] free: done in 0 s") < lines.index("[2/3] needs-first: done in 0 s")  # ran beside first
+    finished = [line.split(": done in")[0] for line in log.getvalue().splitlines() if ": done in" in line]
+    assert finished.index("[3/3] free") < finished.index("[2/3] needs-first")  # free ran beside first
+    assert json.loads((tmp_path / "free" / chain.DONE).read_text())["cpu_seconds"] >= 0.5  # the child's CPU time
+    assert json.loads((tmp_path / "first" / chain.DONE).read_text())["cpu_seconds"] < 0.9  # it slept
     assert (tmp_path / "needs-first" / "chain.log").read_text().strip() == "threads 1"
     broken = step("broken", "import sys; print('step 1/3'); print('bad input: x', file=sys.stderr); sys.exit(2)")
     with pytest.raises(ChainError, match="(?s)step 'broken' failed \\(exit 2\\).*step 1/3\nbad input: x"):

@@ -67,10 +67,19 @@ def test_default_feature_blocks_follow_the_protocols():
     assert [m.shape for m in maps] == [(1, 768, 8, 8)] * 4
 
 
-def test_autocast_dtype_follows_the_hardware():
-    from mimbench.core.runtime import NATIVE_BF16_FLAGS, autocast_dtype
+def test_autocast_dtype_follows_the_hardware(monkeypatch):
+    from mimbench.core.runtime import NATIVE_BF16_FLAGS, autocast_dtype, cpu_capability, cpu_has_native_bf16
 
     assert autocast_dtype("cuda") == torch.bfloat16
     flags = open("/proc/cpuinfo").read().split()
-    native = any(flag in flags for flag in NATIVE_BF16_FLAGS)
+    native = any(flag in flags for flag in NATIVE_BF16_FLAGS) and cpu_capability() == "AVX512"
     assert autocast_dtype("cpu") == (torch.bfloat16 if native else None)
+    # oneDNN capped to AVX2 emulates bf16 as an AVX2-only CPU does: auto is fp32 there
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    cpu_has_native_bf16.cache_clear()
+    try:
+        assert autocast_dtype("cpu") is None
+        assert autocast_dtype("cpu", "bf16") == torch.bfloat16
+    finally:
+        monkeypatch.undo()
+        cpu_has_native_bf16.cache_clear()
