@@ -21,9 +21,11 @@ from mimbench.core.errors import ConfigError
 __all__ = ["ARCHS", "backbone_archs", "count_parameters", "create_backbone", "default_feature_blocks",
            "dense_features"]
 
-# Architectures by timm-style name. The tiny ones train on a CPU in minutes (64 tokens each).
+# Architectures by timm-style name. The tiny ones train on a CPU in minutes (64 tokens each); the mini one is
+# ViT-Ti/4 at half its depth, the landscape study's model (its Hessian-vector products in minutes on 2 CPU cores).
 # ViT-H/14 is the official MAE ViT-H; ViT-H/16 completes the patch-16 family.
 ARCHS: dict[str, dict[str, Any]] = {
+    "vit_mini_patch4_32": dict(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3),
     "vit_tiny_patch4_32": dict(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3),
     "vit_tiny_patch8_64": dict(img_size=64, patch_size=8, embed_dim=192, depth=12, num_heads=3),
     "vit_small_patch16_224": dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6),

@@ -34,20 +34,21 @@ def lanczos_extremes(hvp: Callable[[torch.Tensor], torch.Tensor], dim: int, iter
                      like: torch.Tensor) -> tuple[float, float]:
     """(λmin, λmax) of the symmetric operator ``hvp`` on R^dim after ``iterations`` Lanczos steps."""
     generator = torch.Generator().manual_seed(seed)
+    steps = min(iterations, dim)
+    basis = torch.empty(steps + 1, dim, dtype=torch.float64, device=like.device)  # the Lanczos vectors as rows
     vector = torch.randn(dim, generator=generator, dtype=torch.float64).to(like.device)
-    basis = [vector / vector.norm()]
+    basis[0] = vector / vector.norm()
     alphas, betas = [], []
-    for _ in range(min(iterations, dim)):
-        w = hvp(basis[-1].to(like.dtype)).to(torch.float64)
-        alphas.append(float(w @ basis[-1]))
-        for _ in range(2):  # full reorthogonalisation, twice ("twice is enough") against float round-off
-            for b in basis:
-                w = w - (w @ b) * b
+    for k in range(steps):
+        w = hvp(basis[k].to(like.dtype)).to(torch.float64)
+        alphas.append(float(w @ basis[k]))
+        for _ in range(2):  # full reorthogonalisation (classical Gram-Schmidt), twice: "twice is enough"
+            w = w - basis[: k + 1].T @ (basis[: k + 1] @ w)
         beta = float(w.norm())
         if beta < 1e-10 * max(1.0, max(abs(a) for a in alphas)):  # the Krylov space is invariant: exact
             break
         betas.append(beta)
-        basis.append(w / beta)
+        basis[k + 1] = w / beta
     tridiagonal = np.diag(alphas) + np.diag(betas[: len(alphas) - 1], 1) + np.diag(betas[: len(alphas) - 1], -1)
     ritz = np.linalg.eigvalsh(tridiagonal)
     return float(ritz[0]), float(ritz[-1])

@@ -33,8 +33,9 @@ from mimbench.backbones.vit import create_backbone
 # The decoder (width, blocks, heads) of each encoder, from the releases: MAE's models_mae.py gives ViT-B, ViT-L and
 # ViT-H 512 wide, 8 blocks, 16 heads (``mae_vit_*_dec512d8b``); RC-MAE's models_rc.py gives ViT-S 256 / 4 / 8
 # (``rc_vit_small_patch16 = rc_vit_small_patch16_dec256d4b``) and ViT-Ti 128 / 2 / 4 (``rc_vit_tiny_patch16_dec128d2b``,
-# used here for the small-image tiny ViTs too). MAE, RC-MAE and MixedAE all take it.
+# used here for the small-image tiny and mini ViTs too). MAE, RC-MAE and MixedAE all take it.
 DECODERS: dict[str, tuple[int, int, int]] = {
+    "vit_mini_patch4_32": (128, 2, 4),
     "vit_tiny_patch4_32": (128, 2, 4),
     "vit_tiny_patch8_64": (128, 2, 4),
     "vit_small_patch16_224": (256, 4, 8),

@@ -264,7 +264,8 @@ def test_decoder_per_arch_is_the_releases():
     """MAE's models_mae.py (ViT-B/L/H: 512 wide, 8 blocks, 16 heads), RC-MAE's models_rc.py (ViT-S: 256 / 4 / 8,
     ViT-Ti: 128 / 2 / 4), for every method; a size given keeps its value, the rest comes from the table."""
     expected = {
-        "vit_tiny_patch4_32": (128, 2, 4), "vit_tiny_patch8_64": (128, 2, 4), "vit_small_patch16_224": (256, 4, 8),
+        "vit_mini_patch4_32": (128, 2, 4), "vit_tiny_patch4_32": (128, 2, 4), "vit_tiny_patch8_64": (128, 2, 4),
+        "vit_small_patch16_224": (256, 4, 8),
         "vit_base_patch16_224": (512, 8, 16), "vit_large_patch16_224": (512, 8, 16),
         "vit_huge_patch16_224": (512, 8, 16), "vit_huge_patch14_224": (512, 8, 16),
     }
