@@ -585,6 +585,21 @@ def backbone_from_checkpoint(
     path: str | os.PathLike, arch: str | None = None, which: str = "teacher", strict: bool = True,
     **create_kwargs: Any,
 ) -> tuple[nn.Module, LoadReport]:
-    """Build the checkpoint's architecture (or ``arch``) and load it: what ``--ckpt x.pth`` does everywhere."""
+    """Build the checkpoint's architecture (or ``arch``) and load it: what ``--ckpt x.pth`` does everywhere.
+
+    A backbone without a fixed patch grid (MPViT, ResNet) takes any input size; where our checkpoint records the
+    side it was pretrained at, that becomes its ``pretrained_cfg["input_size"]`` (timm's meaning: the resolution the
+    weights were trained at), so transfer feeds it that size rather than the family's default of 224."""
     model = create_backbone(arch or infer_arch(path, which), **create_kwargs)
-    return model, load_backbone(model, path, which=which, strict=strict)
+    report = load_backbone(model, path, which=which, strict=strict)
+    trained = pretrained_side(report.metadata)
+    if trained is not None and getattr(model, "patch_embed", None) is None and hasattr(model, "pretrained_cfg"):
+        model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, trained, trained)}
+    return model, report
+
+
+def pretrained_side(metadata: CheckpointMetadata | None) -> int | None:
+    """The image side our pretraining recorded in a checkpoint (its recipe's ``img_size``), if any."""
+    recipe = ((metadata.extra if metadata is not None else {}).get("config") or {}).get("recipe") or {}
+    side = recipe.get("img_size")
+    return side if isinstance(side, int) and side > 0 else None

@@ -3,10 +3,11 @@ Vision Transformer", arXiv 2405.18042) at CPU scale on the embedded data.
 
     python -m mimbench.landscape.study [--out runs/landscape-study] [--seeds 0 1] [--jobs 2]
 
-MAE, RC-MAE and a supervised ViT of one small arch (vit_mini_patch4_32: ViT-Ti/4 at 6 blocks) and one budget (`STEPS` optimizer steps of
-batch 64: MAE and RC-MAE on the bundled photos, the supervised ViT on the bundled digits, each its method's CPU
-preset otherwise), then their landscapes (``landscape/run.py --embedded``, the ``embedded_cpu`` preset) on the
-pretraining, linear-probe and reconstruction losses, once per seed of the directions, then the landscape tables
+MAE, RC-MAE and a supervised ViT of one small arch (vit_mini_patch4_32: ViT-Ti/4 at 6 blocks) and one budget
+(`STEPS` optimizer steps of batch 64: MAE and RC-MAE on the bundled photos, the supervised ViT on the bundled digits,
+each its method's CPU preset otherwise), then their landscapes (``landscape/run.py --embedded``, the
+``embedded_cpu`` preset) on the pretraining, linear-probe and reconstruction losses, once per seed of the
+directions, then the landscape tables
 (``python -m mimbench.tables.build`` on the study's own store). Each step is the command a user would type, run
 as its own process with --resume; a finished step leaves ``study-step.json`` (its command) in its folder and is
 skipped while the command is unchanged, so a second ``make landscape`` redoes nothing.

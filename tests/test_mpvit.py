@@ -205,3 +205,18 @@ def test_layer_decay_groups_per_stage():
     assert sorted(set(scale_of.values())) == [0.5 ** k for k in range(5, -1, -1)]
     assert decay_of["mhca_stages.1.aggregate.conv.weight"] == 0.05
     assert decay_of["mhca_stages.1.aggregate.bn.weight"] == 0.0
+
+
+def test_a_checkpoint_pretrained_at_32_pixels_is_transferred_at_32(tmp_path):
+    """Our supervised MPViT records its recipe's img_size: the loader makes it the model's input size, which the
+    linear probe and fine-tuning read; a checkpoint that records none keeps the family's 224."""
+    from mimbench.transfer.finetune import input_size
+
+    weights = create_backbone("mpvit_nano_cpu")
+    recorded = CheckpointMetadata(method="supervised", arch="mpvit_nano_cpu",
+                                  extra={"config": {"recipe": {"img_size": 32}}})
+    model, _ = backbone_from_checkpoint(save_backbone(tmp_path / "32.safetensors", weights, recorded))
+    assert input_size(model) == 32 and model.pretrained_cfg["crop_pct"] == weights.pretrained_cfg["crop_pct"]
+    plain = save_backbone(tmp_path / "plain.safetensors", weights, CheckpointMetadata("supervised", "mpvit_nano_cpu"))
+    assert input_size(backbone_from_checkpoint(plain)[0]) == 224
+    assert input_size(create_backbone("mpvit_nano_cpu")) == 224  # the registry's model is not changed
