@@ -577,7 +577,7 @@ def side_by_side(store: Path) -> str:
     if "MAE" in frame.index:
         deltas = (frame.drop(index="MAE") - frame.loc["MAE"]).rename(index=lambda name: f"{name} − MAE")
         frame = pd.concat([frame, deltas])
-    # "–" where a run has no such number (a detector without predictions has no AP), not a bare "nan"
+    # "–" where the store has no such number (a step not run, a metric a run does not report), not a bare "nan"
     return frame.astype(object).where(frame.notna(), None).to_markdown(floatfmt=".1f", missingval="–")
 
 
@@ -587,8 +587,8 @@ def final_screen(out: Path, encoders: Sequence[str]) -> str:
     labelled = (" The supervised encoders were trained with labels on these digits, so their digits rows are not a "
                 "transfer.") if supervised else ""
     shown = ["Our encoders on the embedded sets (the methods on the same ViT with the same budget; a demo of the "
-             f"pipeline, not the paper's benchmarks).{labelled} –: the run has no such number (a detector with no "
-             "predictions after its few iterations has no AP).\n\n" + side_by_side(out / "results.jsonl")]
+             f"pipeline, not the paper's benchmarks).{labelled} –: no such number in the store.\n\n"
+             + side_by_side(out / "results.jsonl")]
     for name, title in (("main", "The paper's main table"), ("transfer", "The paper's transfer table")):
         if (tables / f"{name}.md").is_file():
             shown.append(f"{title} (our rows appear once the real benchmarks are run):\n\n"

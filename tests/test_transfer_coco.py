@@ -217,17 +217,17 @@ def test_missing_layout_names_the_expected_files(tmp_path):
 class GroundTruthAsPredictions(nn.Module):
     """A 'detector' that answers each image with its annotations, optionally perturbed."""
 
-    def __init__(self, dataset: list[dict], shift: float = 0.0, drop_every: int = 0) -> None:
+    def __init__(self, dataset: list[dict], shift: float = 0.0, drop_every: int = 0, empty: bool = False) -> None:
         super().__init__()
         self.by_file = {record["file_name"]: record for record in dataset}
-        self.shift, self.drop_every = shift, drop_every
+        self.shift, self.drop_every, self.empty = shift, drop_every, empty
 
     def forward(self, inputs: list[dict]) -> list[dict]:
         outputs = []
         for item in inputs:
             record = self.by_file[item["file_name"]]
             kept = [a for i, a in enumerate(record["annotations"])
-                    if not (self.drop_every and i % self.drop_every == 1)]
+                    if not self.empty and not (self.drop_every and i % self.drop_every == 1)]
             height, width = record["height"], record["width"]
             boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in kept]
             instances = Instances((height, width))
@@ -265,6 +265,11 @@ def test_ground_truth_as_predictions_scores_100_and_a_perturbation_matches_pycoc
         assert perturbed[f"AP_{task}"] == pytest.approx(100 * evaluation.stats[0], abs=1e-3)
         assert perturbed[f"AP50_{task}"] == pytest.approx(100 * evaluation.stats[1], abs=1e-3)
     assert perturbed["AP_bbox"] < 90 and perturbed["AP_segm"] < 100  # the perturbation costs AP
+
+    # No prediction at all: Detectron2 reports NaN; the record has AP 0 for boxes and masks alike, nothing else
+    nothing = store_metrics(evaluate(GroundTruthAsPredictions(dataset, empty=True), val_name, preset,
+                                     tmp_path / "empty", 0))
+    assert nothing == {"AP_bbox": 0.0, "AP_segm": 0.0}
 
 
 def test_subset_json_holds_the_lowest_image_ids_and_exactly_their_annotations(tmp_path, embedded):

@@ -526,10 +526,12 @@ def test_loader(name: str, recipe: DetectionPreset, num_workers: int):
 
 def store_metrics(results: dict[str, dict[str, float]]) -> dict[str, float]:
     """COCOEvaluator's {"bbox": {"AP": ...}, "segm": {...}} as the store's flat AP_bbox ... APl_segm (finite only:
-    APs is NaN on a set without small objects)."""
-    return {f"{name}_{task}": round(float(results[task][name]), 3)
-            for task in ("bbox", "segm") if task in results
-            for name in COCO_METRICS if np.isfinite(results[task].get(name, float("nan")))}
+    APs is NaN on a set without small objects). A detector with no prediction at all, for which Detectron2
+    reports NaN, scores AP 0 on each task evaluated."""
+    metrics = {f"{name}_{task}": round(float(results[task][name]), 3)
+               for task in ("bbox", "segm") if task in results
+               for name in COCO_METRICS if np.isfinite(results[task].get(name, float("nan")))}
+    return {**{f"AP_{task}": 0.0 for task in ("bbox", "segm") if task in results}, **metrics}
 
 
 def evaluate(model: nn.Module, name: str, recipe: DetectionPreset, out: Path, num_workers: int) -> dict:
@@ -637,7 +639,6 @@ def run_coco(config: CocoConfig) -> Result | None:
     if config.visualize:
         save_visualizations(model, val_name, recipe, out, config.visualize)
     metrics = store_metrics(results)
-    metrics.setdefault(HEADLINE, 0.0)  # no detection at all: Detectron2 reports NaN, the record AP 0
     dataset = dataset_name(run.data_root)
     result = build_result(
         task="detection", dataset=dataset, protocol="mask-rcnn", metric=HEADLINE, metrics=metrics,
