@@ -23,6 +23,7 @@ from mimbench.tables.rows import (
     our_rows,
     paper_rows,
     with_deltas,
+    without_reruns,
 )
 
 
@@ -93,7 +94,7 @@ def build_tables(records: Iterable[Result], *, reference: bool = True,
                  reference_dir: Path = REFERENCE_DIR) -> list[Table]:
     """Main, transfer, one per ablation, MPViT and RC-MAE (where they have rows), one landscape table per loss
     (where there are landscape records), then "other results" (always there, maybe empty)."""
-    records = list(records)
+    records = without_reruns(records)
     transfer = layout.transfer_columns(transfer_protocol)
     ours, unplaced = our_rows(records, {"main": layout.MAIN_COLUMNS, "transfer": transfer,
                                         "embedded": layout.EMBEDDED_COLUMNS})

@@ -75,6 +75,22 @@ def recipe_of(record: Result) -> str:
     return record.config.get("preset") or record.protocol
 
 
+def without_reruns(records: Iterable[Result]) -> list[Result]:
+    """The records with each rerun replacing the run it repeats, in store order. A rerun measures the same thing
+    (task, dataset, protocol, metric, recipe) on the same weights (the checkpoint's sha256) with the same seed and
+    tags: a finished run resumed, a run repeated after a fix. Seeds aggregate into mean ± std; a rerun is not a
+    seed, so only the latest counts. Records that name no weights' sha256 are all kept."""
+    latest: dict[tuple, Result] = {}
+    for index, record in enumerate(records):
+        key: tuple = (index,)
+        if record.checkpoint_sha256:
+            key = (record.task, record.dataset, record.protocol, record.metric, recipe_of(record),
+                   record.checkpoint_sha256, record.seed, tuple(sorted(record.tags.items())))
+        latest.pop(key, None)  # the rerun takes the place of the run it repeats, at the end
+        latest[key] = record
+    return list(latest.values())
+
+
 def table_of(record: Result, columns: dict[str, Sequence[Column]]) -> tuple[str, list[tuple[str, float]]]:
     """The table a record belongs to and the (column key, value) cells it fills there; no cells: no table."""
     if not record.method:

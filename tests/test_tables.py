@@ -309,3 +309,17 @@ def test_make_tables_entry_point_runs_as_a_module(tmp_path):
                             cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("**main**")  # the Markdown main table on stdout
+
+
+def test_a_rerun_on_the_same_weights_replaces_the_run_instead_of_counting_as_a_seed():
+    weights = {"checkpoint": "a/encoder.safetensors", "checkpoint_sha256": "ab" * 32}
+    records = [imagenet(83.0, seed=0, **weights), imagenet(84.0, seed=1, **weights),
+               imagenet(83.4, seed=0, **weights)]  # seed 0 run again (e.g. a finished run resumed): 83.4 counts
+    cell = by_name(build_tables(records, reference=False))["main"].frame.loc[0, "ImageNet top-1"]
+    assert (cell.n, cell.mean) == (2, pytest.approx(83.7))
+    other_weights = {"checkpoint": "b/encoder.safetensors", "checkpoint_sha256": "cd" * 32}
+    records.append(imagenet(85.0, seed=0, **other_weights))  # another pretraining run's weights: another seed
+    cell = by_name(build_tables(records, reference=False))["main"].frame.loc[0, "ImageNet top-1"]
+    assert (cell.n, cell.mean) == (3, pytest.approx((83.4 + 84.0 + 85.0) / 3))
+    unnamed = [imagenet(83.0), imagenet(83.0)]  # no sha256: nothing says they are one run, both count
+    assert by_name(build_tables(unnamed, reference=False))["main"].frame.loc[0, "ImageNet top-1"].n == 2
