@@ -85,7 +85,7 @@ def without_reruns(records: Iterable[Result]) -> list[Result]:
         key: tuple = (index,)
         if record.checkpoint_sha256:
             key = (record.task, record.dataset, record.protocol, record.metric, recipe_of(record),
-                   record.checkpoint_sha256, record.seed, tuple(sorted(record.tags.items())))
+                   record.checkpoint_sha256, record.seed, setting_of(record))  # the setting holds the tags
         latest.pop(key, None)  # the rerun takes the place of the run it repeats, at the end
         latest[key] = record
     return list(latest.values())
