@@ -215,10 +215,15 @@ def _read(path: str) -> dict[str, Any]:
 
 def exit_status(action: Callable[[], object]) -> int:
     """Run ``action``: 0, or 1 after one ``error:`` line on stderr for a :class:`UserError` (bad input, a
-    diverged run, a busy run directory); anything else is a bug and keeps its traceback."""
+    diverged run, a busy run directory); anything else is a bug and keeps its traceback. Either way the process
+    leaves the process group the action joined (under torchrun) before it returns."""
     try:
         action()
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    finally:
+        from mimbench.core.runtime import leave_process_group  # torch: imported by the runs, not by this module
+
+        leave_process_group()
     return 0

@@ -61,6 +61,15 @@ def init_distributed(device: str | None) -> Distributed:
     return Distributed(dist.get_rank(), dist.get_world_size(), local_rank, wanted)
 
 
+def leave_process_group() -> None:
+    """Destroy every process group this process joined (torchrun's, Detectron2's launcher's, mmengine's). Every entry
+    point calls it on its way out: a gloo group left for the interpreter's exit still has its C++ worker threads, and
+    the process can then abort ("terminate called without an active exception", pytorch/pytorch#190489) after its
+    run succeeded. Local: it waits for no other rank, so a rank that failed does not hang the others."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 # More loader processes than this rarely pay for one training process: each holds a copy of the dataset object and
 # its prefetched batches, and one epoch's start waits for all of them.
 MAX_LOADER_WORKERS = 16

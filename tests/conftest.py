@@ -1,7 +1,8 @@
 """Shared fixtures, and one thread per test process."""
 
 import os
-import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -27,8 +28,13 @@ def one_thread():
 
 
 @pytest.fixture
-def free_port() -> int:
-    """A TCP port nobody listens on, for a torchrun rendezvous."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def torchrun():
+    """Run ``args`` under torchrun with two gloo processes on one thread each, and fail with their output's tail.
+    ``--standalone``: the rendezvous binds a free port itself, so tests running side by side never race for one."""
+    def run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               *args], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                              timeout=timeout)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done
+    return run

@@ -227,16 +227,27 @@ def test_parallel_steps_respect_their_order_and_report_a_failure(tmp_path):
     def step(name, code, after=()):
         return Step(name, [sys.executable, "-c", code], tmp_path / name, after=after)
 
-    first = step("first", f"import time; time.sleep(1); open({str(tmp_path / 'a')!r}, 'w').write('a')")
-    needs_first = step("needs-first", f"import os; assert os.path.exists({str(tmp_path / 'a')!r}); print('threads',"
+    # "first" waits for a file that "free" writes: it can only finish when both ran at once (no timing assumed;
+    # the 300 s bound only turns a scheduler that runs them one after the other into a failure, not a hang).
+    # It then sleeps a second, so its wall time exceeds the CPU time it is charged.
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    first = step("first", "import os, sys, time\ndeadline = time.monotonic() + 300\n"
+                          f"while not os.path.exists({b!r}):\n"
+                          "    if time.monotonic() > deadline: sys.exit('free never ran beside first')\n"
+                          "    time.sleep(0.05)\n"
+                          f"time.sleep(1); open({a!r}, 'w').write('a')")
+    needs_first = step("needs-first", f"import os; assert os.path.exists({a!r}); print('threads',"
                                       f" os.environ['OMP_NUM_THREADS'])", after=("first",))
-    free = step("free", "import time; started = time.process_time()\nwhile time.process_time() - started < 0.5: pass")
+    free = step("free", "import time; started = time.process_time()\nwhile time.process_time() - started < 0.5: pass\n"
+                        f"open({b!r}, 'w').write('b')")
     log = io.StringIO()
     run_steps([first, needs_first, free], jobs=2, threads=1, log=log)
     finished = [line.split(": done in")[0] for line in log.getvalue().splitlines() if ": done in" in line]
-    assert finished.index("[3/3] free") < finished.index("[2/3] needs-first")  # free ran beside first
+    assert sorted(finished) == ["[1/3] first", "[2/3] needs-first", "[3/3] free"]
+    assert finished.index("[1/3] first") < finished.index("[2/3] needs-first")  # its order
     assert json.loads((tmp_path / "free" / chain.DONE).read_text())["cpu_seconds"] >= 0.5  # the child's CPU time
-    assert json.loads((tmp_path / "first" / chain.DONE).read_text())["cpu_seconds"] < 0.9  # it slept
+    first_done = json.loads((tmp_path / "first" / chain.DONE).read_text())
+    assert first_done["seconds"] >= 1 and first_done["cpu_seconds"] < first_done["seconds"]  # it slept
     assert (tmp_path / "needs-first" / "chain.log").read_text().strip() == "threads 1"
     broken = step("broken", "import sys; print('step 1/3'); print('bad input: x', file=sys.stderr); sys.exit(2)")
     with pytest.raises(ChainError, match="(?s)step 'broken' failed \\(exit 2\\).*step 1/3\nbad input: x"):

@@ -1,8 +1,5 @@
 """The loss-landscape study: directions, surfaces, losses, curvature and its entry point, on values."""
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -194,7 +191,7 @@ WORKER = """
     import numpy as np
     sys.path.insert(0, {tests!r})
     from test_landscape import NoisyMLP, noisy_measure
-    from mimbench.core.runtime import init_distributed
+    from mimbench.core.runtime import init_distributed, leave_process_group
     from mimbench.landscape.directions import random_directions
     from mimbench.landscape.surface import Grid, evaluate
 
@@ -204,16 +201,15 @@ WORKER = """
                       sys.argv[1], dist.rank, dist.world_size)
     if dist.is_main:
         np.save(sys.argv[2], values["loss"])
+    leave_process_group()
 """
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_equal_one_process(tmp_path, free_port):
+def test_two_gloo_processes_equal_one_process(tmp_path, torchrun):
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent(WORKER.format(tests=str(ROOT / "tests"))))
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                    str(free_port), str(script), str(tmp_path / "ddp"), str(tmp_path / "ddp.npy")],
-                   env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True, capture_output=True, timeout=300)
+    torchrun(str(script), str(tmp_path / "ddp"), str(tmp_path / "ddp.npy"), timeout=300)
     assert sorted(p.name for p in (tmp_path / "ddp" / "points").iterdir()) == ["rank0.jsonl", "rank1.jsonl"]
     model = NoisyMLP()
     single = evaluate(model, noisy_measure(), random_directions(model, seed=0), Grid.rectangle((-1, 1), 5, (-1, 1), 3),

@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -64,18 +63,18 @@ def test_resume_after_sigkill_is_exact(tmp_path, tiny_run, method, one_thread):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert main([*method, *tiny_run, "--out", str(straight)]) == 0
 
-    process = subprocess.Popen([sys.executable, str(ROOT / "pretrain" / "run.py"), *method, *tiny_run,
-                                "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
-    first = killed / "checkpoints" / "step_00000005.pth"
-    deadline = time.time() + 120
-    while not first.exists() and time.time() < deadline and process.poll() is None:
-        time.sleep(0.01)
-    still_running = process.poll() is None
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert first.exists() and still_running, "the run must be killed in the middle"
-    assert checkpoint_paths(killed)[-1] != killed / "checkpoints" / "step_00000020.pth"
+    # The run kills itself with SIGKILL right after its 7th optimizer step: between the checkpoints of steps 5 and
+    # 10, at the same point whatever the machine's speed.
+    kill_at_step_7 = ("import os, signal, sys\nimport mimbench.pretrain.engine as engine\n"
+                      "from mimbench.pretrain.run import main\nstep, done = engine.optimizer_step, []\n"
+                      "def optimizer_step(optimizer):\n    step(optimizer)\n    done.append(1)\n"
+                      "    if len(done) == 7:\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+                      "engine.optimizer_step = optimizer_step\nsys.exit(main(sys.argv[1:]))")
+    process = subprocess.run([sys.executable, "-c", kill_at_step_7, *method, *tiny_run, "--out", str(killed)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    assert process.returncode == -signal.SIGKILL, process.stderr[-2000:]
+    assert checkpoint_paths(killed)[-1] == killed / "checkpoints" / "step_00000005.pth"
 
     with pytest.warns(UserWarning, match="taking over the lock left by a run that is no longer running"):
         assert main([*method, *tiny_run, "--out", str(killed), "--resume"]) == 0
@@ -138,14 +137,27 @@ def test_missing_data_root_is_one_clear_line(tmp_path, capsys):
     assert err.startswith("error: ") and str(tmp_path / "imagenet") in err and "\n" not in err
 
 
+def test_an_entry_point_leaves_its_process_group_on_success_and_on_a_user_error(tmp_path):
+    """``exit_status`` (every entry point's way out) destroys the process group the run joined: a gloo group left
+    for the interpreter's exit can abort a finished run (pytorch/pytorch#190489)."""
+    import torch.distributed as dist
+
+    from mimbench.core.config import exit_status
+
+    def bad_input():
+        raise ConfigError("bad input")
+
+    for code, action in [(0, lambda: None), (1, bad_input)]:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous{code}", rank=0, world_size=1)
+        assert exit_status(action) == code
+        assert not dist.is_initialized()
+
+
 @pytest.mark.slow
-def test_two_gloo_processes_equal_one_process_with_accumulation(tmp_path, free_port, tiny_run):
+def test_two_gloo_processes_equal_one_process_with_accumulation(tmp_path, torchrun, tiny_run):
     """torchrun with 2 processes x batch b gives the update of 1 process x batch b x 2 accumulation steps."""
     common = ["--method", "mae", *tiny_run, "--epochs", "1", "--samples-per-epoch", "16", "--batch-size", "4"]
-    subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port),
-         str(ROOT / "pretrain" / "run.py"), *common, "--out", str(tmp_path / "ddp")],
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True, capture_output=True, timeout=600)
+    torchrun(str(ROOT / "pretrain" / "run.py"), *common, "--out", str(tmp_path / "ddp"))
     assert main([*common, "--accum-steps", "2", "--out", str(tmp_path / "single")]) == 0
     ddp, _ = read_checkpoint(checkpoint_paths(tmp_path / "ddp")[-1])
     single, _ = read_checkpoint(checkpoint_paths(tmp_path / "single")[-1])

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -285,14 +283,11 @@ def test_bad_flags_say_what_is_wrong(checkpoint, capsys):
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_fine_tune_and_write_one_record(tmp_path, checkpoint, free_port):
+def test_two_gloo_processes_fine_tune_and_write_one_record(tmp_path, checkpoint, torchrun):
     store = tmp_path / "results.jsonl"
-    subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port),
-         str(ROOT / "transfer" / "run.py"), "digits", "--ckpt", str(checkpoint), "--protocol", "finetune",
-         "--epochs", "2", "--batch-size", "32", "--base-lr", "0.003", "--results", str(store),
-         "--out", str(tmp_path / "ddp")],
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True, capture_output=True, timeout=600)
+    torchrun(str(ROOT / "transfer" / "run.py"), "digits", "--ckpt", str(checkpoint), "--protocol", "finetune",
+             "--epochs", "2", "--batch-size", "32", "--base-lr", "0.003", "--results", str(store),
+             "--out", str(tmp_path / "ddp"))
     (result,) = records(store)  # rank 0 alone writes
     assert result.config["processes"] == 2 and result.config["effective_batch"] == 64
     assert result.config["grid_val_scores"] == {}  # an explicit --base-lr is no grid

@@ -87,7 +87,7 @@ from mimbench.core.config import Embedded, RunSpec, config_parser, exit_status, 
 from mimbench.core.errors import ConfigError, TrainingDiverged
 from mimbench.core.io import file_sha256
 from mimbench.core.rundir import CONFIG_NAME, RunLock, differing_fields, read_config, start_run
-from mimbench.core.runtime import autocast, autocast_dtype, resolve_device
+from mimbench.core.runtime import autocast, autocast_dtype, leave_process_group, resolve_device
 from mimbench.results import Result, append_result, build_result
 from mimbench.transfer.coco_data import coco_layout, dataset_name, subset_split, write_coco_subset, write_embedded_coco
 from mimbench.transfer.recipes import per_arch
@@ -774,12 +774,21 @@ def hold_run_dir(config: CocoConfig) -> RunLock:
     return lock
 
 
+def run_launched(config: CocoConfig) -> None:
+    """One process of Detectron2's launcher: the run, then the process group the launcher made is left (the
+    launcher itself never destroys it; see ``leave_process_group``)."""
+    try:
+        run_coco(config)
+    finally:
+        leave_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     def launch_run() -> None:
         config = prepare(parse_args(argv))
         lock = hold_run_dir(config) if config.machine_rank == 0 else None  # one holder: the first machine's
         try:
-            launch(run_coco, config.num_gpus, num_machines=config.num_machines, machine_rank=config.machine_rank,
+            launch(run_launched, config.num_gpus, num_machines=config.num_machines, machine_rank=config.machine_rank,
                    dist_url=config.dist_url, args=(config,))
         finally:
             if lock is not None:
