@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from mimbench.core.record import (  # noqa: F401
     DEFAULT_STORE,
     STORE_ENV,
+    UNSTATED,
     Result,
     append_result,
     build_result,

@@ -104,8 +104,8 @@ def step_images_per_s(config: PretrainConfig, device: torch.device, dtype: torch
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if hasattr(model, "after_micro_batch"):  # RC-MAE's teacher moves after every micro-batch
-            model.after_micro_batch(MicroBatch(index_in_epoch=0, per_epoch=1, epochs=1, step=1, total_steps=1,
-                                               stepped=True))
+            model.after_micro_batch(MicroBatch(index_in_epoch=0, per_epoch=1, accumulation=1, epochs=1, step=1,
+                                               total_steps=1, stepped=True))
         synchronize(device)
         seconds.append(time.perf_counter() - start)
     return recipe.batch_size / statistics.median(seconds[1:])

@@ -59,7 +59,7 @@ MATMUL_SHARE_GOAL = 0.6  # MAE's achieved FLOP/s over the matmul rate, in bf16 w
 # The poster's GPU-days (ViT-B, 300 epochs): MixedAE 16.9, MixedAE-Full* 30.8, MixedAE-Full 62.3.
 POSTER_RATIOS = {"mixedae-full*": 30.8 / 16.9, "mixedae-full": 62.3 / 16.9}
 # One micro-batch per step, no accumulation: where RC-MAE's release schedule reads its momentum (0.996).
-ONE_STEP = MicroBatch(index_in_epoch=0, per_epoch=1, epochs=100, step=1, total_steps=100, stepped=True)
+ONE_STEP = MicroBatch(index_in_epoch=0, per_epoch=1, accumulation=2, epochs=100, step=1, total_steps=100, stepped=True)
 
 
 def synchronize(device: torch.device) -> None:

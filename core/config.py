@@ -74,6 +74,23 @@ class Embedded:
     make: Callable[[Path], object]  # writes the set under the root if it is absent; reuses it otherwise
 
 
+# ------------------------------------------------------------------------------------------- protocols
+
+def protocol_id(protocols: Mapping[str, str], preset: str | None, recipe: Any, preset_recipe: Any,
+                bookkeeping: tuple[str, ...] = ()) -> str:
+    """The protocol a run measured under: the id its preset names (``protocols[preset]``, e.g. ``vitdet-100ep``)
+    when the run's resolved recipe equals the preset's, field for field (``bookkeeping`` fields, such as how often
+    it logs or checkpoints, aside); a run that changed any other field measured under a protocol of its own,
+    ``<id>+<field>,<field>`` (e.g. ``vitdet-100ep+iterations,lr_steps,warmup_iters`` after ``--max-iter``), which
+    the tables never put beside a number measured under the preset's."""
+    named = protocols.get(preset or "", preset or "custom")
+    if preset_recipe is None:
+        return named
+    changed = [f.name for f in dataclasses.fields(recipe) if f.name not in bookkeeping
+               and getattr(recipe, f.name) != getattr(preset_recipe, f.name)]
+    return f"{named}+{','.join(changed)}" if changed else named
+
+
 # ---------------------------------------------------------------------------------------- the dataclass tree
 
 
@@ -168,6 +185,8 @@ def config_parser(config_class: type, prog: str, description: str | None,
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="a config.yaml (e.g. a run directory's): replays that run; flags override")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved configuration (YAML, as config.yaml records it) and exit")
     if presets:
         parser.add_argument("--preset", choices=list(presets), help="the recipe (default: the task's own)")
     if embedded is not None:
@@ -189,6 +208,7 @@ def parse_config(config_class: type, argv: list[str] | None, *, prog: str, descr
     parser = parser or config_parser(config_class, prog, description, presets, embedded)
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     config_file, preset, use_embedded = args.pop("config", None), args.pop("preset", None), args.pop("embedded", False)
+    args.pop("print_config", None)  # the entry point's (`wants_printed_config`)
     config = from_dict(config_class, _read(config_file), config_file) if config_file else config_class()
     if use_embedded:
         args["data_root"] = args.get("data_root") or embedded.root
@@ -205,6 +225,19 @@ def parse_config(config_class: type, argv: list[str] | None, *, prog: str, descr
             before_data(config)
         embedded.make(Path(args["data_root"]))
     return config
+
+
+def wants_printed_config(argv: list[str] | None) -> bool:
+    """``--print-config`` among ``argv`` (``sys.argv`` when None): print the resolved configuration, run nothing."""
+    return "--print-config" in (sys.argv[1:] if argv is None else argv)
+
+
+def print_config(config: Any, protocol: str | None = None) -> None:
+    """The resolved configuration as ``config.yaml`` records it (`mimbench.core.rundir.write_config`'s format),
+    after a comment naming the protocol its records will carry, where the task has one."""
+    from mimbench.core.rundir import config_yaml
+
+    print((f"# protocol: {protocol}\n" if protocol else "") + config_yaml(to_dict(config)), end="")
 
 
 def _read(path: str) -> dict[str, Any]:

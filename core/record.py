@@ -19,6 +19,7 @@ from mimbench.core.io import file_sha256, run_environment
 SCHEMA_VERSION = 1
 STORE_ENV = "MIMBENCH_RESULTS"
 DEFAULT_STORE = Path("results") / "results.jsonl"
+UNSTATED = "unstated"  # the protocol of a paper's number where the paper does not say how it was measured
 
 
 @dataclass
@@ -40,6 +41,10 @@ class Result:
     pretrain_epochs: float | None = None
     pretrain_gpu_days: float | None = None
     tags: dict[str, str] = field(default_factory=dict)
+    # The exact protocol of the number: its preset's id (vitdet-100ep, upernet-160k-ss, mae-finetune, ...), or
+    # "<id>+<changed fields>" (`mimbench.core.config.protocol_id`); the tables put a paper's number beside it only
+    # under the same id. None: a record written before protocols had ids.
+    protocol_id: str | None = None
     seed: int | None = None
     config: dict[str, Any] = field(default_factory=dict)
     wall_time_s: float | None = None
@@ -89,7 +94,7 @@ def checkpoint_fields(path: str | os.PathLike, metadata: Any = None, sha256: str
 def build_result(*, task: str, dataset: str, protocol: str, metric: str, metrics: dict[str, float],
                  checkpoint: str | os.PathLike, metadata: Any, sha256: str | None, method: str | None,
                  arch: str | None, seed: int | None, config: dict[str, Any], started: float, device: Any,
-                 dtype: Any, tags: dict[str, str] | None = None, params: int | None = None,
+                 dtype: Any, protocol_id: str, tags: dict[str, str] | None = None, params: int | None = None,
                  gflops: float | None = None) -> Result:
     """A record with everything the store wants: the metrics, the checkpoint's fields, the backbone's size
     (``params``, ``gflops``: `mimbench.backbones.cli.backbone_size` of the arch the run built), the run's config,
@@ -101,7 +106,8 @@ def build_result(*, task: str, dataset: str, protocol: str, metric: str, metrics
 
     device = torch.device(device)
     compute = compute_settings(device, dtype)
-    return Result(task=task, dataset=dataset, protocol=protocol, metric=metric, value=round(metrics[metric], 4),
+    return Result(task=task, dataset=dataset, protocol=protocol, protocol_id=protocol_id, metric=metric,
+                  value=round(metrics[metric], 4),
                   metrics=metrics, tags=dict(tags or {}), seed=seed, config=config,
                   wall_time_s=round(time.perf_counter() - started, 1), precision=compute["precision"],
                   compute=compute, peak_memory_gb=round(peak_memory_gb(device), 3), params=params, gflops=gflops,

@@ -87,11 +87,16 @@ def _read_holder(fd: int, default: str = "holder unknown") -> str:
 # ------------------------------------------------------------------------------------------- config.yaml
 
 
-def write_config(folder: str | os.PathLike, config: Mapping[str, Any]) -> Path:
-    """The resolved configuration as ``folder/config.yaml`` (replayable with ``--config``)."""
+def config_yaml(config: Mapping[str, Any]) -> str:
+    """A resolved configuration as ``config.yaml`` holds it (and ``--print-config`` prints it)."""
     import yaml
 
-    text = yaml.safe_dump(json.loads(json.dumps(config)), sort_keys=False, default_flow_style=None, width=120)
+    return yaml.safe_dump(json.loads(json.dumps(config)), sort_keys=False, default_flow_style=None, width=120)
+
+
+def write_config(folder: str | os.PathLike, config: Mapping[str, Any]) -> Path:
+    """The resolved configuration as ``folder/config.yaml`` (replayable with ``--config``)."""
+    text = config_yaml(config)
     return atomic_write(Path(folder) / CONFIG_NAME, lambda tmp: tmp.write_text(text))
 
 

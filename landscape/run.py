@@ -40,7 +40,18 @@ import numpy as np
 import torch
 
 from mimbench.backbones.vit import ARCHS
-from mimbench.core.config import Embedded, RunSpec, config_parser, exit_status, parse_config, record_tags, to_dict
+from mimbench.core.config import (
+    Embedded,
+    RunSpec,
+    config_parser,
+    exit_status,
+    parse_config,
+    print_config,
+    protocol_id,
+    record_tags,
+    to_dict,
+    wants_printed_config,
+)
 from mimbench.core.errors import ConfigError
 from mimbench.core.io import atomic_write, file_sha256
 from mimbench.core.rundir import start_run_on_rank0
@@ -143,6 +154,8 @@ def parse_args(argv: list[str] | None = None) -> LandscapeConfig:
     parser.add_argument("--ckpt", dest="checkpoints", nargs="+", help="pretraining run folders or .pth files")
     config = parse_config(LandscapeConfig, argv, prog=PROG, presets=PRESETS, default_preset=DEFAULT_PRESET,
                           embedded=EMBEDDED, parser=parser)
+    if wants_printed_config(argv):
+        return config
     if not config.checkpoints and not config.line:
         raise ConfigError("say which models: --ckpt RUN_FOLDER_OR_FILE [...], or --line A B")
     if config.line and len(config.line) != 2:
@@ -385,7 +398,9 @@ def write_table(path: Path, summaries: dict[str, dict[str, dict[str, float]]]) -
 def record(config: LandscapeConfig, kind: str, name: str, model: Pretrained, found: dict, metrics: dict,
            started: float, device: torch.device) -> None:
     _, pretrain_config, path = model
-    result = build_result(task="landscape", dataset=found["data"], protocol=kind, metric="width", metrics=metrics,
+    result = build_result(task="landscape", dataset=found["data"], protocol=kind,
+                          protocol_id=protocol_id({}, config.preset, config.recipe, PRESETS.get(config.preset)),
+                          metric="width", metrics=metrics,
                           checkpoint=path, metadata=None, sha256=file_sha256(path), method=pretrain_config.run.method,
                           arch=pretrain_config.recipe.arch, seed=config.run.seed, config=to_dict(config),
                           started=started, device=device, dtype=None,
@@ -432,6 +447,8 @@ def run_landscapes(config: LandscapeConfig) -> dict[str, dict[str, dict[str, flo
 
 
 def main(argv: list[str] | None = None) -> int:
+    if wants_printed_config(argv):
+        return exit_status(lambda: print_config(parse_args(argv)))
     return exit_status(lambda: run_landscapes(parse_args(argv)))
 
 

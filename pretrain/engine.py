@@ -549,7 +549,8 @@ class Trainer:
             return {}
         return self.model.after_micro_batch(MicroBatch(
             index_in_epoch=index_in_epoch, per_epoch=self.steps_per_epoch * self.accum_steps,
-            epochs=self.config.recipe.epochs, step=self.step, total_steps=self.total_steps, stepped=stepped))
+            accumulation=self.accum_steps, epochs=self.config.recipe.epochs, step=self.step,
+            total_steps=self.total_steps, stepped=stepped))
 
     def count_unreadable(self, found: list[int]) -> None:
         """Add the unreadable files of one step (every process's) to the count; past the limit, stop."""

@@ -18,7 +18,13 @@ The teacher's momentum m (teacher ← m · teacher + (1 − m) · student) has t
   restarts at 0.996 every epoch and never leaves it by more than 0.004 · (1 − cos(π / epochs)) / 2 (4e-9 over
   1600 epochs). Per micro-batch m = 0.996; per optimizer step with accumulation a the teacher keeps 0.996^a of
   itself: 0.996² ≈ 0.992 in the release's ViT-B / ViT-L scripts (batch 256 × 2 accumulation × 8 GPUs), 0.996 in
-  its ViT-S script (no accumulation), for the whole run.
+  its ViT-S script (no accumulation), for the whole run. Ours reproduces that per optimizer step on any number of
+  processes: with ``release_accumulation`` R (the release script's ``--accum_iter``: 2 for ViT-B / ViT-L, 1 for
+  ViT-S) and our accumulation a (what the process count leaves of the total batch), each micro-batch applies
+  m^(R/a). Every update of a step's window pulls towards the same student (the one after that step), so the
+  teacher at every step boundary keeps m^R of itself whatever a is; at a = R the updates are the release's one by
+  one. The release also runs an epoch's odd last micro-batch (625 per epoch on 8 GPUs: its backward is discarded,
+  its EMA update kept); ours runs whole optimizer steps only, so such an epoch has one EMA update fewer here.
 - ``cosine``: the schedule the paper describes, one EMA update per optimizer step with m on a cosine from 0.996 at
   the first step to 1 at the last, over all steps of the run: per step 1 − m falls from 0.004 to 0, 0.002 on
   average, so this teacher moves about 4 × slower than the release's at accumulation 2 (0.008 per step).
@@ -44,6 +50,7 @@ class RCMAEConfig(MAEConfig):
     momentum_start: float = 0.996  # the release's --momentum_teacher
     momentum_end: float = 1.0
     teacher_schedule: str = "release"  # release | cosine (see the module docstring)
+    release_accumulation: int = 2  # release: the release script's --accum_iter (micro-batches per optimizer step)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -59,6 +66,7 @@ class MicroBatch:
 
     index_in_epoch: int  # 0-based, on this process
     per_epoch: int  # micro-batches per epoch on this process: steps per epoch × accumulation steps
+    accumulation: int  # micro-batches per optimizer step
     epochs: int
     step: int  # optimizer steps done so far, this micro-batch's included
     total_steps: int
@@ -100,7 +108,9 @@ class ReconstructionConsistentMAE(nn.Module):
         """The EMA momentum after ``micro_batch`` under the configured schedule; None where it updates nothing."""
         start, end = self.config.momentum_start, self.config.momentum_end
         if self.config.teacher_schedule == "release":  # every micro-batch, by its index within the epoch
-            return teacher_momentum(micro_batch.index_in_epoch, micro_batch.epochs * micro_batch.per_epoch, start, end)
+            momentum = teacher_momentum(micro_batch.index_in_epoch, micro_batch.epochs * micro_batch.per_epoch,
+                                        start, end)
+            return momentum ** (self.config.release_accumulation / micro_batch.accumulation)
         if not micro_batch.stepped:
             return None
         return teacher_momentum(micro_batch.step, micro_batch.total_steps, start, end)

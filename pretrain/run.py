@@ -22,12 +22,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 
-import yaml
-
-from mimbench.core.config import Embedded, add_dataclass_flags, config_parser, exit_status, parse_config, to_dict
+from mimbench.core.config import (
+    Embedded,
+    add_dataclass_flags,
+    config_parser,
+    exit_status,
+    parse_config,
+    print_config,
+    wants_printed_config,
+)
 from mimbench.core.rundir import read_config
 from mimbench.pretrain.data import write_embedded_photos
 from mimbench.pretrain.engine import DEFAULT_PRESET, METHODS, PRESETS, PretrainConfig, Trainer, method_classes, resolve
@@ -60,8 +65,6 @@ def parse_args(argv: list[str] | None = None) -> PretrainConfig:
     parser.add_argument("--method", choices=list(METHODS),
                         help=f"(default: a release preset's method, else {PretrainConfig().run.method})")
     parser.add_argument("--arch", help="the ViT to pretrain (default: the preset's)")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved configuration (YAML, as config.yaml records it) and exit")
     options = parser.add_argument_group(f"{method} options")
     method_class = method_classes(method)[0]
     option_names = [field.name for field in dataclasses.fields(method_class) if field.name != "arch"]
@@ -75,12 +78,6 @@ def parse_args(argv: list[str] | None = None) -> PretrainConfig:
     return resolve(dataclasses.replace(config, run=run, recipe=recipe))
 
 
-def print_config(config: PretrainConfig) -> None:
-    """The resolved configuration as config.yaml records it (`mimbench.core.rundir.write_config`'s format)."""
-    print(yaml.safe_dump(json.loads(json.dumps(to_dict(config))), sort_keys=False, default_flow_style=None,
-                         width=120), end="")
-
-
 def train(argv: list[str] | None) -> object:
     if chosen_method(argv) == "supervised":  # labels: its own config and the engine's Trainer subclass
         from mimbench.pretrain import supervised
@@ -90,9 +87,11 @@ def train(argv: list[str] | None) -> object:
 
 
 def main(argv: list[str] | None = None) -> int:
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--print-config", action="store_true")
-    if pre.parse_known_args(argv)[0].print_config:
+    if wants_printed_config(argv):
+        if chosen_method(argv) == "supervised":
+            from mimbench.pretrain import supervised
+
+            return exit_status(lambda: print_config(supervised.parse_args(argv)))
         return exit_status(lambda: print_config(parse_args(argv)))
     return exit_status(lambda: train(argv))
 

@@ -15,8 +15,11 @@ from mimbench.results import Result
 from mimbench.tables import layout
 from mimbench.tables.layout import AVERAGE, CAPTIONS, LABELS, NOTES, Column
 from mimbench.tables.rows import (
+    APART,
     REFERENCE_DIR,
     Row,
+    apart_column,
+    columns_rows,
     landscape_rows,
     mpvit_rows,
     other_rows,
@@ -47,7 +50,7 @@ LABEL_OF: dict[str, Callable[[Row], object]] = {
     "Group": lambda row: row.group,
     "Variant": lambda row: row.variant,
     "Method": lambda row: row.label,
-    "Recipe": lambda row: row.recipe,
+    "Protocol": lambda row: row.protocol,
     "Arch": lambda row: row.arch,
     "Pre-train epochs": _epochs,
     "Pre-train GPU-days": lambda row: row.gpu_days,
@@ -71,13 +74,36 @@ def _deltas(rows: list[Row], columns: Sequence[Column]) -> pd.DataFrame:
 
 def _legend(row: Row) -> str:
     epochs = f"{_epochs(row)}ep" if row.epochs is not None else ""
-    return " ".join(part for part in (row.label, row.recipe, row.arch, epochs) if part) + f" ({row.source})"
+    return " ".join(part for part in (row.label, row.protocol, row.arch, epochs) if part) + f" ({row.source})"
+
+
+def with_apart_columns(rows: Sequence[Row], columns: Sequence[Column],
+                       pool: Sequence[Column] | None = None) -> list[Column]:
+    """``columns``, then a column for each (column of ``pool``, protocol) of a paper's numbers measured under
+    another protocol than the column's, headed by that protocol, in the order of ``pool`` (default ``columns``)."""
+    present = {key for row in rows for key in row.cells}
+    apart = [apart_column(column, key.split(APART, 1)[1]) for column in (pool or columns)
+             for key in sorted(present) if key.startswith(column.key + APART)]
+    return [*columns, *apart]
+
+
+def protocol_note(columns: Sequence[Column]) -> str:
+    """Which protocol each column's numbers were measured under (the columns that fix one)."""
+    named = {}
+    for column in columns:
+        if column.protocol_id is not None and APART not in column.key:
+            named.setdefault(column.protocol_id, []).append(column.header)
+    listed = "; ".join(f"{', '.join(headers)}: {protocol}" for protocol, headers in named.items())
+    return NOTES["protocols"].format(listed=listed)
 
 
 def _table(name: str, caption: str, rows: list[Row], labels: Sequence[str], columns: Sequence[Column],
-           delta_keys: Sequence[str], blocks: Sequence[str]) -> Table:
+           delta_keys: Sequence[str], blocks: Sequence[str], pool: Sequence[Column] | None = None) -> Table:
+    columns = with_apart_columns(rows, columns, pool)
+    delta_keys = [*delta_keys, *(c.key for c in columns if c.key.split(APART)[0] in delta_keys and APART in c.key)]
     notes = [NOTES["seeds"]] + [NOTES["paper"]] * any(r.source == layout.PAPER for r in rows) \
-        + [NOTES["effective"]] * any(r.epochs_note for r in rows) + [NOTES["recipe"]] * ("Recipe" in labels)
+        + [NOTES["effective"]] * any(r.epochs_note for r in rows) + [NOTES["protocol"]] * ("Protocol" in labels) \
+        + [protocol_note(columns)] * any(c.protocol_id for c in columns)
     return Table(name, caption, _frame(with_deltas(rows, delta_keys), labels, columns), list(columns),
                  list(blocks), _deltas(rows, columns), notes)
 
@@ -85,8 +111,13 @@ def _table(name: str, caption: str, rows: list[Row], labels: Sequence[str], colu
 def _reference_table(name: str, rows: list[Row], columns: Sequence[Column], note: str) -> Table:
     """A table of its own paper's rows (and ours where they fit): no deltas, no blocks but the source."""
     table = _table(name, CAPTIONS[name], rows, LABELS[name], columns, [], ["Source"])
-    table.notes = [NOTES["seeds"]] + [NOTES[note]] * any(r.source == layout.PAPER for r in rows)
+    table.notes = [NOTES["seeds"]] + [NOTES[note]] * any(r.source == layout.PAPER for r in rows) \
+        + [protocol_note(table.columns)]
     return table
+
+
+def _is_vit(record: Result) -> bool:
+    return (record.arch or "").startswith("vit")
 
 
 def build_tables(records: Iterable[Result], *, reference: bool = True,
@@ -116,12 +147,13 @@ def build_tables(records: Iterable[Result], *, reference: bool = True,
         present = [c for c in pool if any(c.key in r.cells for r in ablation_rows)]
         ablation = name.removeprefix("ablation_")
         tables.append(_table(name, CAPTIONS["ablation"].format(name=ablation), ablation_rows,
-                             LABELS["ablation"], present, [], ["Source"]))
+                             LABELS["ablation"], present, [], ["Source"], pool))
     mpvit = paper.get("mpvit", []) + mpvit_rows(records)
     if mpvit:
         tables.append(_reference_table("mpvit", mpvit, layout.MPVIT_COLUMNS, "mpvit_paper"))
-    if paper.get("rcmae"):
-        tables.append(_reference_table("rcmae", paper["rcmae"], layout.RCMAE_COLUMNS, "rcmae_paper"))
+    rcmae = paper.get("rcmae", []) + columns_rows(records, layout.RCMAE_COLUMNS, _is_vit)
+    if rcmae:
+        tables.append(_reference_table("rcmae", rcmae, layout.RCMAE_COLUMNS, "rcmae_paper"))
     landscape, unplaced = landscape_rows(unplaced)
     for loss in sorted(landscape, key=lambda name: (layout.LANDSCAPE_LOSSES + (name,)).index(name)):
         table = _table(f"landscape_{loss}", CAPTIONS["landscape"].format(loss=loss), landscape[loss],

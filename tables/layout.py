@@ -21,8 +21,13 @@ class Column:
     task: str
     dataset: str
     metric: str | None = None  # None: the record's headline value (each transfer dataset has its own metric)
-    protocol: str | None = None  # None: any protocol
-    preset: str | None = None  # None: any recipe; else only records whose run used this preset (COCO 1x vs 3x)
+    protocol: str | None = None  # None: any kind of evaluation (linear, finetune, ...)
+    # The exact protocol of the column's numbers (a record's protocol_id): ours fill it only under this id, and a
+    # paper's number measured under another goes to a column of its own, headed by its protocol. None: any.
+    protocol_id: str | None = None
+    # The reference CSVs' column that names the protocol of this column's number (per row); absent or empty there:
+    # "unstated" (the paper does not say).
+    reference_protocol: str | None = None
     decimals: int = 1  # printed decimals of the cells (the landscape's small numbers need more)
 
     def value_of(self, record: Result) -> float | None:
@@ -31,7 +36,7 @@ class Column:
             return None
         if self.protocol is not None and record.protocol != self.protocol:
             return None
-        if self.preset is not None and record.config.get("preset") != self.preset:
+        if self.protocol_id is not None and record.protocol_id != self.protocol_id:
             return None
         if self.metric is None:
             return float(record.value)
@@ -43,12 +48,17 @@ class Column:
 
 
 def _coco(key: str, metric: str, header: str, latex: str) -> Column:
-    return Column(key, f"COCO {header}", latex, "detection", "coco", metric)
+    return Column(key, f"COCO {header}", latex, "detection", "coco", metric, protocol_id="vitdet-100ep",
+                  reference_protocol="coco_protocol")
 
 
+# The protocols of our main table: MAE's ImageNet fine-tuning, UperNet 160k single-scale (mmseg's MAE config),
+# ViTDet's 100-epoch Mask R-CNN (transfer/ presets with these ids).
 MAIN_COLUMNS: tuple[Column, ...] = (
-    Column("imagenet_top1", "ImageNet top-1", "ImageNet top-1", "classification", "imagenet", "top1", "finetune"),
-    Column("ade20k_miou", "ADE20K mIoU", "ADE20K mIoU", "segmentation", "ade20k", "mIoU"),
+    Column("imagenet_top1", "ImageNet top-1", "ImageNet top-1", "classification", "imagenet", "top1", "finetune",
+           protocol_id="mae-finetune", reference_protocol="imagenet_protocol"),
+    Column("ade20k_miou", "ADE20K mIoU", "ADE20K mIoU", "segmentation", "ade20k", "mIoU",
+           protocol_id="upernet-160k-ss", reference_protocol="ade20k_protocol"),
     _coco("coco_ap_bb", "AP_bbox", "AP^bb", "AP$^{bb}$"),
     _coco("coco_ap50_bb", "AP50_bbox", "AP^bb_50", "AP$^{bb}_{50}$"),
     _coco("coco_ap75_bb", "AP75_bbox", "AP^bb_75", "AP$^{bb}_{75}$"),
@@ -69,6 +79,8 @@ AVERAGE = Column("avg", "Avg.", "Avg.", "classification", "(mean of the 11 datas
 
 
 def transfer_columns(protocol: str = TRANSFER_PROTOCOL) -> tuple[Column, ...]:
+    """The 11 datasets: a row per protocol (its ``Protocol`` label), so a column holds several, each row naming
+    its own."""
     return tuple(Column(name, header, header, "classification", name, None, protocol)
                  for name, header in TRANSFER_DATASETS)
 
@@ -87,17 +99,18 @@ EMBEDDED_COLUMNS: tuple[Column, ...] = (
 MPVIT_COLUMNS: tuple[Column, ...] = (
     Column("params_m", "Params (M)", "Params (M)", "", ""),  # the records' backbone size, else MPVIT_SIZES
     Column("gflops_224", "GFLOPs", "GFLOPs", "", ""),
-    Column("imagenet_top1", "ImageNet top-1", "ImageNet top-1", "classification", "imagenet", "top1"),
+    Column("imagenet_top1", "ImageNet top-1", "ImageNet top-1", "classification", "imagenet", "top1",
+           protocol_id="deit", reference_protocol="imagenet_protocol"),
     Column("coco_maskrcnn_1x_ap_bb", "COCO 1x AP^bb", "1$\\times$ AP$^{bb}$", "detection", "coco", "AP_bbox",
-           preset="mpvit_maskrcnn_1x"),
+           protocol_id="mpvit-maskrcnn-1x", reference_protocol="coco_1x_protocol"),
     Column("coco_maskrcnn_1x_ap_mk", "COCO 1x AP^mk", "1$\\times$ AP$^{mk}$", "detection", "coco", "AP_segm",
-           preset="mpvit_maskrcnn_1x"),
+           protocol_id="mpvit-maskrcnn-1x", reference_protocol="coco_1x_protocol"),
     Column("coco_maskrcnn_3xms_ap_bb", "COCO 3x AP^bb", "3$\\times$ AP$^{bb}$", "detection", "coco", "AP_bbox",
-           preset="mpvit_maskrcnn_3x_ms"),
+           protocol_id="mpvit-maskrcnn-3x-ms", reference_protocol="coco_3x_protocol"),
     Column("coco_maskrcnn_3xms_ap_mk", "COCO 3x AP^mk", "3$\\times$ AP$^{mk}$", "detection", "coco", "AP_segm",
-           preset="mpvit_maskrcnn_3x_ms"),
+           protocol_id="mpvit-maskrcnn-3x-ms", reference_protocol="coco_3x_protocol"),
     Column("ade20k_upernet_160k_miou", "ADE20K mIoU", "ADE20K mIoU", "segmentation", "ade20k", "mIoU",
-           preset="mpvit_upernet_160k"),
+           protocol_id="mpvit-upernet-160k-ss", reference_protocol="ade20k_protocol"),
 )
 # Parameters (1000-class head) and GFLOPs at 224² of each MPViT size as our backbones/mpvit.py builds them (fvcore
 # counting; tests/test_tables_mpvit.py checks them against the model), so the tables need no torch.
@@ -113,11 +126,13 @@ MPVIT_HEAD_PARAMS: dict[str, int] = {"mpvit_tiny": 217_000, "mpvit_xsmall": 257_
 # ViT (Li et al. 2021), not ViTDet, so it has a table of its own.
 RCMAE_COLUMNS: tuple[Column, ...] = (
     Column("imagenet_top1_finetune", "ImageNet top-1 (fine-tune)", "IN-1K FT", "classification", "imagenet", "top1",
-           "finetune"),
+           "finetune", protocol_id="mae-finetune", reference_protocol="imagenet_finetune_protocol"),
     Column("imagenet_top1_linear", "ImageNet top-1 (linear)", "IN-1K lin.", "classification", "imagenet", "top1",
-           "linear"),
-    Column("coco_ap_bb", "COCO AP^bb (Mask R-CNN FPN)", "AP$^{bb}$", "detection", "coco", "AP_bbox"),
-    Column("coco_ap_mk", "COCO AP^mk (Mask R-CNN FPN)", "AP$^{mk}$", "detection", "coco", "AP_segm"),
+           "linear-lars", protocol_id="mae-linprobe", reference_protocol="imagenet_linear_protocol"),
+    Column("coco_ap_bb", "COCO AP^bb (Mask R-CNN FPN)", "AP$^{bb}$", "detection", "coco", "AP_bbox",
+           protocol_id="benchmarking-100ep", reference_protocol="coco_protocol"),
+    Column("coco_ap_mk", "COCO AP^mk (Mask R-CNN FPN)", "AP$^{mk}$", "detection", "coco", "AP_segm",
+           protocol_id="benchmarking-100ep", reference_protocol="coco_protocol"),
 )
 
 # The loss-landscape study's records (landscape/run.py: task "landscape", protocol = the loss): one table per loss,
@@ -147,7 +162,7 @@ ABLATION_TAG, VARIANT_TAG = "ablation", "variant"
 # The label columns of each table, before its metric columns; "Source" says ours or paper.
 LABELS = {
     "main": ("Source", "Method", "Arch", "Pre-train epochs", "Pre-train GPU-days"),
-    "transfer": ("Source", "Group", "Method", "Recipe", "Arch", "Pre-train epochs"),
+    "transfer": ("Source", "Group", "Method", "Protocol", "Arch", "Pre-train epochs"),
     "ablation": ("Source", "Variant", "Method", "Arch", "Pre-train epochs"),
     "mpvit": ("Source", "Method", "Arch"),
     "rcmae": ("Source", "Method", "Arch", "Pre-train epochs"),
@@ -176,10 +191,13 @@ NOTES = {
                   "the share of the curvature grid where λmin ≥ −ε·λmax; λmax: the top Hessian eigenvalue at the "
                   "centre (r, ε: the run's recipe). n counts the seeds of the directions."),
     "mpvit_paper": "paper: Lee et al., MPViT: Multi-Path Vision Transformer for Dense Prediction, CVPR 2022.",
-    "recipe": ("Recipe: how each row fine-tuned (the record's preset): transfer = AdamW with layer decay, lr and "
-               "weight decay chosen on val (ours); ericsson = Ericsson et al.'s protocol (CVPR 2021: SGD with "
-               "Nesterov momentum, 5000 steps, their lr x wd grid on val); linear = a linear probe. The paper's SSL "
-               "ResNet rows are Ericsson et al.'s numbers; its transformer rows name no recipe on the poster (-)."),
+    "protocol": ("Protocol: how each row's numbers were measured (a record's protocol id): transfer-grid = AdamW "
+                 "with layer decay, lr and weight decay chosen on val (ours); ericsson-finetune = Ericsson et al.'s "
+                 "protocol (CVPR 2021: SGD with Nesterov momentum, 5000 steps, their lr x wd grid on val); "
+                 "lbfgs-linear = our linear probe. The paper's SSL ResNet rows are Ericsson et al.'s numbers; its "
+                 "transformer rows name no protocol on the poster (unstated)."),
+    "protocols": ("Protocols of the columns: {listed}. A paper's number measured under another protocol is in a "
+                  "column of its own headed [protocol] (unstated: the paper does not say), never beside ours."),
     "rcmae_paper": ("paper: Lee et al., Exploring the Role of Mean Teachers in Self-supervised Masked "
                     "Auto-Encoders, ICLR 2023 (its MAE rows are the authors' reproduction)."),
 }

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mimbench.results import Result
+from mimbench.results import UNSTATED, Result
 from mimbench.tables import layout
 from mimbench.tables.layout import ABLATION_TAG, AVERAGE, BASELINE, MODEL_TAG, VARIANT_TAG, Column
 
@@ -47,7 +47,7 @@ class Row:
     cells: dict[str, Cell] = field(default_factory=dict)  # by Column.key
     group: str = ""  # the transfer table's row groups
     epochs_note: str = ""
-    recipe: str | None = None  # the transfer table's: the recipe its records name (transfer, ericsson, linear)
+    protocol: str | None = None  # the transfer table's: the protocol of its numbers (a record's protocol_id)
 
     @property
     def variant(self) -> str:
@@ -70,21 +70,22 @@ def setting_of(record: Result) -> tuple:
     return display_name(record.method or ""), epochs, record.arch, tags
 
 
-def recipe_of(record: Result) -> str:
-    """The recipe a transfer record trained with: its preset's name, else (a linear probe) its protocol."""
-    return record.config.get("preset") or record.protocol
+def protocol_of(record: Result) -> str:
+    """The protocol a transfer record measured under (its ``protocol_id``); a record without one: its preset's
+    name, else (a linear probe) its kind of protocol."""
+    return record.protocol_id or record.config.get("preset") or record.protocol
 
 
 def without_reruns(records: Iterable[Result]) -> list[Result]:
     """The records with each rerun replacing the run it repeats, in store order. A rerun measures the same thing
-    (task, dataset, protocol, metric, recipe) on the same weights (the checkpoint's sha256) with the same seed and
+    (task, dataset, protocol kind and id, metric) on the same weights (the checkpoint's sha256) with the same seed and
     tags: a finished run resumed, a run repeated after a fix. Seeds aggregate into mean ± std; a rerun is not a
     seed, so only the latest counts. Records that name no weights' sha256 are all kept."""
     latest: dict[tuple, Result] = {}
     for index, record in enumerate(records):
         key: tuple = (index,)
         if record.checkpoint_sha256:
-            key = (record.task, record.dataset, record.protocol, record.metric, recipe_of(record),
+            key = (record.task, record.dataset, record.protocol, record.metric, protocol_of(record),
                    record.checkpoint_sha256, record.seed, setting_of(record))  # the setting holds the tags
         latest.pop(key, None)  # the rerun takes the place of the run it repeats, at the end
         latest[key] = record
@@ -121,17 +122,17 @@ def our_rows(records: Iterable[Result], columns: dict[str, Sequence[Column]]
             unplaced.append(record)
             continue
         setting = setting_of(record)
-        recipe = recipe_of(record) if table == "transfer" else None  # the transfer table's rows split by recipe
+        protocol = protocol_of(record) if table == "transfer" else None  # transfer rows: one protocol each
         for key, value in cells:
-            values[table, setting, recipe][key].append(value)
+            values[table, setting, protocol][key].append(value)
         if record.pretrain_gpu_days is not None:
             gpu_days[setting].append(record.pretrain_gpu_days)
     rows: dict[str, list[Row]] = defaultdict(list)
-    for (table, setting, recipe), by_key in values.items():
+    for (table, setting, protocol), by_key in values.items():
         method, epochs, arch, tags = setting
         cells = {key: Cell.of(found) for key, found in by_key.items()}
         cost = float(np.mean(gpu_days[setting])) if gpu_days[setting] else None  # mean where records disagree
-        rows[table].append(Row(layout.OURS, method, epochs, arch, tags, cost, cells, group="Ours", recipe=recipe))
+        rows[table].append(Row(layout.OURS, method, epochs, arch, tags, cost, cells, group="Ours", protocol=protocol))
     for table_rows in rows.values():
         table_rows.sort(key=_our_order)
     for row in rows.get("transfer", []):
@@ -141,7 +142,7 @@ def our_rows(records: Iterable[Result], columns: dict[str, Sequence[Column]]
 
 def _our_order(row: Row) -> tuple:
     return (row.arch or "", row.epochs if row.epochs is not None else math.inf,
-            row.method != BASELINE, row.method, row.variant, row.tags, row.recipe or "")
+            row.method != BASELINE, row.method, row.variant, row.tags, row.protocol or "")
 
 
 def _add_average(row: Row, transfer: Sequence[Column]) -> None:
@@ -152,11 +153,11 @@ def _add_average(row: Row, transfer: Sequence[Column]) -> None:
 
 def with_deltas(rows: list[Row], keys: Sequence[str]) -> list[Row]:
     """Rows whose ``keys`` cells carry the difference (of the means) to the baseline (MAE) row of the same
-    source, epochs, arch, tags and recipe; the paper's rows only where the paper prints one."""
-    baselines = {(r.source, r.epochs, r.arch, r.tags, r.recipe): r for r in rows if r.method == BASELINE}
+    source, epochs, arch, tags and protocol; the paper's rows only where the paper prints one."""
+    baselines = {(r.source, r.epochs, r.arch, r.tags, r.protocol): r for r in rows if r.method == BASELINE}
     updated = []
     for row in rows:
-        base = baselines.get((row.source, row.epochs, row.arch, row.tags, row.recipe))
+        base = baselines.get((row.source, row.epochs, row.arch, row.tags, row.protocol))
         if base is None or row is base or (row.source == layout.PAPER
                                            and row.method not in layout.PAPER_DELTA_METHODS):
             updated.append(row)
@@ -169,16 +170,51 @@ def with_deltas(rows: list[Row], keys: Sequence[str]) -> list[Row]:
     return updated
 
 
+APART = "|"  # a cell key <column key>|<protocol>: a paper's number measured under another protocol than its column's
+
+
+def apart_key(key: str, protocol: str) -> str:
+    return f"{key}{APART}{protocol}"
+
+
+def apart_column(column: Column, protocol: str) -> Column:
+    """The column of a paper's numbers that ``column`` shows under another protocol, headed by that protocol."""
+    return replace(column, key=apart_key(column.key, protocol), header=f"{column.header} [{protocol}]",
+                   latex=f"{column.latex} [{protocol}]", protocol_id=protocol)
+
+
+def reference_protocol(record: dict, column: Column) -> str | None:
+    """The protocol of ``column``'s number in a reference CSV row: the row's ``column.reference_protocol`` entry,
+    ``unstated`` where the CSV leaves it empty; None for a column that fixes none."""
+    if column.reference_protocol is None:
+        return None
+    found = record.get(column.reference_protocol, math.nan)
+    return UNSTATED if pd.isna(found) or not str(found).strip() else str(found)
+
+
+def paper_cells(record: dict, columns: Sequence[Column]) -> dict[str, Cell]:
+    """A reference row's cells by column key; a number whose protocol is not its column's goes under
+    ``apart_key`` (a column of its own), never beside ours."""
+    cells = {}
+    for column in columns:
+        if column.key not in record or pd.isna(record[column.key]):
+            continue
+        protocol = reference_protocol(record, column)
+        same = column.protocol_id is None or protocol == column.protocol_id
+        cells[column.key if same else apart_key(column.key, protocol)] = Cell(float(record[column.key]))
+    return cells
+
+
 def paper_rows(reference_dir: Path = REFERENCE_DIR) -> dict[str, list[Row]]:
     """The paper's rows per table, in the paper's order, from the CSVs transcribed from its poster (the
     transfer CSV names no arch: its rows mix ResNets and ViTs)."""
     rows: dict[str, list[Row]] = defaultdict(list)
-    keys = [c.key for c in (*layout.MAIN_COLUMNS, *layout.transfer_columns(), AVERAGE, *layout.MPVIT_COLUMNS,
-                            *layout.RCMAE_COLUMNS)]
     for path in sorted(reference_dir.glob("*.csv")):
         kind = path.stem.rsplit("_", 1)[-1]  # <paper>_main.csv, <paper>_transfer.csv, <paper>_ablations.csv
+        columns = {"mpvit": layout.MPVIT_COLUMNS, "rcmae": layout.RCMAE_COLUMNS,
+                   "transfer": (*layout.transfer_columns(), AVERAGE)}.get(kind, layout.MAIN_COLUMNS)
         for record in pd.read_csv(path).to_dict("records"):
-            cells = {k: Cell(float(record[k])) for k in keys if k in record and pd.notna(record[k])}
+            cells = paper_cells(record, columns)
             if kind == "mpvit":  # one row per size, trained with labels (DeiT's recipe) for 300 epochs
                 rows["mpvit"].append(Row(layout.PAPER, "Supervised", 300, record["model"], cells=cells))
                 continue
@@ -188,9 +224,10 @@ def paper_rows(reference_dir: Path = REFERENCE_DIR) -> dict[str, list[Row]]:
                 continue
             epochs = int(record["epochs"]) if pd.notna(record.get("epochs", math.nan)) else None
             row = Row(layout.PAPER, record["method"], epochs, None, cells=cells)
-            if kind == "transfer":
-                recipe = record["recipe"] if pd.notna(record.get("recipe", math.nan)) else None
-                rows["transfer"].append(replace(row, group=record["group"], recipe=recipe))
+            if kind == "transfer":  # one protocol a row (Ericsson's for the ResNets)
+                protocol = record.get("protocol", math.nan)
+                rows["transfer"].append(replace(row, group=record["group"],
+                                                protocol=protocol if pd.notna(protocol) else UNSTATED))
             elif kind == "ablations":
                 tags = ((ABLATION_TAG, record["ablation"]), (VARIANT_TAG, record["variant"]))
                 rows[f"ablation_{record['ablation']}"].append(replace(row, arch=layout.PAPER_ARCH, tags=tags))
@@ -199,6 +236,20 @@ def paper_rows(reference_dir: Path = REFERENCE_DIR) -> dict[str, list[Row]]:
                 rows["main"].append(replace(row, arch=layout.PAPER_ARCH, gpu_days=float(record["gpu_days"]),
                                             epochs_note=note))
     return dict(rows)
+
+
+def columns_rows(records: Iterable[Result], columns: Sequence[Column], keep=lambda record: True) -> list[Row]:
+    """Our rows of a reference table with its own ``columns`` (the RC-MAE table): one per setting, from the
+    records ``keep`` takes that fill any of them."""
+    values: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for record in records:
+        if record.method and keep(record):
+            for column in columns:
+                if (value := column.value_of(record)) is not None:
+                    values[setting_of(record)][column.key].append(value)
+    rows = [Row(layout.OURS, method, epochs, arch, tags, cells={key: Cell.of(found) for key, found in by_key.items()})
+            for (method, epochs, arch, tags), by_key in values.items()]
+    return sorted(rows, key=_our_order)
 
 
 def mpvit_rows(records: Iterable[Result]) -> list[Row]:
@@ -250,7 +301,7 @@ def other_rows(records: Iterable[Result]) -> pd.DataFrame:
     grouped: dict[tuple, list[float]] = defaultdict(list)
     for record in records:
         method = record.method and display_name(record.method)
-        key = (record.task, record.dataset, record.protocol, record.metric, method, record.checkpoint)
+        key = (record.task, record.dataset, protocol_of(record), record.metric, method, record.checkpoint)
         grouped[key].append(record.value)
     in_order = sorted(grouped.items(), key=lambda item: tuple("" if v is None else str(v) for v in item[0]))
     # n has a column of its own here, so the value cell shows mean ± std only

@@ -1,5 +1,5 @@
 """`python -m mimbench.chain ablations`: the plan's steps, flags and tags, the shared rows, the homo_acc curves and
-figure; the tables' ablation columns on the embedded sets and the transfer table's recipe column."""
+figure; the tables' ablation columns on the embedded sets and the transfer table's protocol column."""
 
 from __future__ import annotations
 
@@ -144,46 +144,48 @@ def test_ablation_tables_show_the_embedded_probes_next_to_the_posters_rows():
     ]
     tables = {t.name: t for t in build_tables(records)}
     frame = tables["ablation_objective"].frame
-    assert list(frame.columns) == ["Source", "Variant", "Method", "Arch", "Pre-train epochs", "ImageNet top-1",
-                                   "ADE20K mIoU", "digits linear top-1", "COCO-emb. AP^bb", "COCO-emb. AP^mk",
-                                   "ADE-emb. mIoU"]
+    # the poster's numbers (their protocol unstated) in columns of their own, after ours
+    assert list(frame.columns) == ["Source", "Variant", "Method", "Arch", "Pre-train epochs", "digits linear top-1",
+                                   "COCO-emb. AP^bb", "COCO-emb. AP^mk", "ADE-emb. mIoU", "ImageNet top-1 [unstated]",
+                                   "ADE20K mIoU [unstated]"]
     assert list(frame["Source"]) == ["paper"] * 3 + ["ours"]
     ours = [render.text(value) for value in frame.iloc[3]]
-    assert ours == ["ours", "L_recon", "MixedAE", "vit_tiny_patch4_32", "3", "-", "-", "93.3", "2.0", "1.5", "44.0"]
-    assert render.text(frame.iloc[0]["ImageNet top-1"]) == "82.4"  # the poster's row beside ours
+    assert ours == ["ours", "L_recon", "MixedAE", "vit_tiny_patch4_32", "3", "93.3", "2.0", "1.5", "44.0", "-", "-"]
+    assert render.text(frame.iloc[0]["ImageNet top-1 [unstated]"]) == "82.4"  # the poster's row beside ours
     assert len(tables["other"].frame) == 1 and tables["main"].frame["Source"].eq("paper").all()
     assert [t.name for t in shown(list(tables.values()))] == ["main", "ablation_objective"]
 
 
-def transfer_record(method: str, dataset: str, value: float, preset: str | None, protocol: str = "finetune"):
+def transfer_record(method: str, dataset: str, value: float, protocol_id: str, protocol: str = "finetune"):
     return Result("classification", dataset, protocol, "top1", value, method=method, arch="vit_tiny_patch4_32",
-                  pretrain_epochs=3.0, config={"preset": preset})
+                  pretrain_epochs=3.0, protocol_id=protocol_id)
 
 
-def test_the_transfer_table_names_each_rows_recipe_and_compares_within_it(tmp_path):
+def test_the_transfer_table_names_each_rows_protocol_and_compares_within_it(tmp_path):
     store = tmp_path / "results.jsonl"
-    values = {("mae", "transfer"): 80.0, ("mae", "ericsson"): 75.0, ("mixedae", "transfer"): 82.0,
-              ("mixedae", "ericsson"): 78.0}
+    values = {("mae", "transfer-grid"): 80.0, ("mae", "ericsson-finetune"): 75.0,
+              ("mixedae", "transfer-grid"): 82.0, ("mixedae", "ericsson-finetune"): 78.0}
     for (method, preset), value in values.items():
         for name, _ in layout.TRANSFER_DATASETS:
             append_result(transfer_record(method, name, value, preset), store)
     records, _ = read_results(store)
     table = {t.name: t for t in build_tables(records)}["transfer"]
     ours = table.frame[table.frame["Source"] == "ours"]
-    assert list(zip(ours["Method"], ours["Recipe"], strict=True)) == [
-        ("MAE", "ericsson"), ("MAE", "transfer"), ("MixedAE", "ericsson"), ("MixedAE", "transfer")]
+    assert list(zip(ours["Method"], ours["Protocol"], strict=True)) == [
+        ("MAE", "ericsson-finetune"), ("MAE", "transfer-grid"), ("MixedAE", "ericsson-finetune"),
+        ("MixedAE", "transfer-grid")]
     assert [render.text(cell) for cell in ours["C10"]] == ["75.0", "80.0", "78.0", "82.0"]
-    # each MixedAE row against the MAE row of its own recipe
+    # each MixedAE row against the MAE row of its own protocol
     assert [render.text(cell) for cell in ours["Avg."]] == ["75.0", "80.0", "78.0 (+3.0)", "82.0 (+2.0)"]
     paper = table.frame[table.frame["Source"] == "paper"]
-    assert list(paper["Recipe"].iloc[:5]) == ["ericsson"] * 5  # Ericsson et al.'s ResNet numbers
-    assert paper["Recipe"].iloc[5:].isna().all()  # the poster names no recipe for its transformers
-    assert any(note.startswith("Recipe:") for note in table.notes)
-    assert re.search(r"\| ours +\| Ours +\| MixedAE +\| ericsson +\| vit_tiny_patch4_32", render.markdown(table))
-    # a linear probe names no preset: its row says its protocol
-    linear = {t.name: t for t in build_tables([transfer_record("mae", "cifar10", 70.0, None, "linear")],
+    assert list(paper["Protocol"].iloc[:5]) == ["ericsson-finetune"] * 5  # Ericsson et al.'s ResNet numbers
+    assert list(paper["Protocol"].iloc[5:]) == ["unstated"] * 5  # the poster names none for its transformers
+    assert any(note.startswith("Protocol:") for note in table.notes)
+    assert re.search(r"\| ours +\| Ours +\| MixedAE +\| ericsson-finetune +\| vit_tiny_patch4_32",
+                     render.markdown(table))
+    linear = {t.name: t for t in build_tables([transfer_record("mae", "cifar10", 70.0, "lbfgs-linear", "linear")],
                                               transfer_protocol="linear")}["transfer"].frame
-    assert list(linear.loc[linear["Source"] == "ours", "Recipe"]) == ["linear"]
+    assert list(linear.loc[linear["Source"] == "ours", "Protocol"]) == ["lbfgs-linear"]
 
 
 def test_every_evaluation_entry_point_takes_tags_and_refuses_a_malformed_one(capsys):

@@ -106,7 +106,7 @@ def test_ema_update_matches_the_formula_and_teacher_gets_no_gradient():
     loss.backward()
     assert all(p.grad is None for p in model.teacher.parameters())
     assert set(parts) == {"loss_recon", "loss_consistency"} and parts["loss_consistency"] > 0
-    logs = model.after_micro_batch(MicroBatch(index_in_epoch=499, per_epoch=500, epochs=4, step=250,
+    logs = model.after_micro_batch(MicroBatch(index_in_epoch=499, per_epoch=500, accumulation=2, epochs=4, step=250,
                                               total_steps=1000, stepped=True))
     momentum = logs["teacher_momentum"]
     assert momentum == pytest.approx(teacher_momentum(250, 1000, 0.996, 1.0))
@@ -160,8 +160,8 @@ def test_loss_decreases_on_the_embedded_photos(method, extra, photos_root):
         loss.backward()
         optimizer.step()
         if hasattr(model, "after_micro_batch"):
-            model.after_micro_batch(MicroBatch(index_in_epoch=step, per_epoch=50, epochs=1, step=step + 1,
-                                               total_steps=50, stepped=True))
+            model.after_micro_batch(MicroBatch(index_in_epoch=step, per_epoch=50, accumulation=1, epochs=1,
+                                               step=step + 1, total_steps=50, stepped=True))
         losses.append(loss.item())
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.8 * first, (method, first, last)
@@ -417,19 +417,56 @@ def test_loss_on_an_official_full_checkpoint_equals_the_official_models(tmp_path
     assert model(images)[0].item() != pytest.approx(theirs.item(), rel=1e-5)  # another mask: another loss
 
 
+@pytest.mark.parametrize("release_accumulation", [1, 2])
+def test_release_teacher_per_optimizer_step_is_the_releases_on_any_number_of_processes(release_accumulation):
+    """The release moves the teacher after every micro-batch at its script's accumulation R (8 GPUs); on another
+    process count our accumulation a differs, and each micro-batch applies m^(R/a): at every step boundary the
+    teacher is the release's, m^R of itself plus the rest of the student after that step (to float precision)."""
+    torch.manual_seed(0)
+    students = [torch.randn(5) for _ in range(4)]  # the student after each of 4 optimizer steps
+    teacher0 = torch.randn(5)
+
+    def run(accumulation: int) -> list[torch.Tensor]:
+        model = ReconstructionConsistentMAE(RCMAEConfig(**SMALL, release_accumulation=release_accumulation))
+        teacher, boundaries = teacher0.clone(), []
+        for step, student in enumerate(students, 1):
+            for micro in range(accumulation):
+                stepped = micro == accumulation - 1
+                momentum = model.momentum(MicroBatch(
+                    index_in_epoch=0, per_epoch=4 * accumulation, accumulation=accumulation, epochs=1600, step=step,
+                    total_steps=4, stepped=stepped))
+                # the release's order: a micro-batch that closes a step updates after the step, towards its
+                # student; the others before the next step, towards the same student
+                teacher = momentum * teacher + (1 - momentum) * student
+            boundaries.append(teacher)
+        return boundaries
+
+    m = teacher_momentum(0, 1600 * 4, 0.996, 1.0)
+    release, expected = teacher0.clone(), []
+    for student in students:  # the release's own count of updates per step
+        for _ in range(release_accumulation):
+            release = m * release + (1 - m) * student
+        expected.append(release)
+    for accumulation in (1, 2, 4):  # e.g. 16, 8 and 4 GPUs at the release's 4096 per step
+        for got, want in zip(run(accumulation), expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_release_teacher_schedule_moves_after_every_micro_batch():
     """``release``: an update after every micro-batch, m by the index within the epoch; ``cosine``: after each
     optimizer step only, m by the step over the run."""
     release = ReconstructionConsistentMAE(RCMAEConfig(**SMALL))
     cosine = ReconstructionConsistentMAE(RCMAEConfig(**SMALL, teacher_schedule="cosine"))
-    inside = MicroBatch(index_in_epoch=3, per_epoch=10, epochs=100, step=51, total_steps=500, stepped=False)
+    inside = MicroBatch(index_in_epoch=3, per_epoch=10, accumulation=2, epochs=100, step=51, total_steps=500,
+                        stepped=False)
     closing = dataclasses.replace(inside, index_in_epoch=4, step=52, stepped=True)
     assert release.momentum(inside) == pytest.approx(teacher_momentum(3, 1000, 0.996, 1.0))
     assert release.momentum(closing) == pytest.approx(teacher_momentum(4, 1000, 0.996, 1.0))
     assert cosine.momentum(inside) is None and cosine.after_micro_batch(inside) == {}
     assert cosine.momentum(closing) == pytest.approx(teacher_momentum(52, 500, 0.996, 1.0))
     # over a 1600-epoch run the release's momentum stays at 0.996 to 1e-8 through every epoch
-    last = MicroBatch(index_in_epoch=1250, per_epoch=1251, epochs=1600, step=1, total_steps=1, stepped=True)
+    last = MicroBatch(index_in_epoch=1250, per_epoch=1251, accumulation=2, epochs=1600, step=1, total_steps=1,
+                      stepped=True)
     assert 0.996 <= release.momentum(last) < 0.996 + 1e-8
     with pytest.raises(ValueError, match="teacher_schedule must be one of release, cosine"):
         RCMAEConfig(**SMALL, teacher_schedule="paper")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -75,12 +76,14 @@ def paper_as_our_results() -> list[Result]:
         setting = {"method": row["method"], "arch": "vit_base_patch16", "pretrain_epochs": float(row["epochs"]),
                    "pretrain_gpu_days": row["gpu_days"], "seed": 0}
         results.append(Result("classification", "imagenet", "finetune", "top1", row["imagenet_top1"],
-                              {"top1": row["imagenet_top1"]}, **setting))
+                              {"top1": row["imagenet_top1"]}, protocol_id="mae-finetune", **setting))
         if pd.notna(row["ade20k_miou"]):
             results.append(Result("segmentation", "ade20k", "upernet", "mIoU", row["ade20k_miou"],
-                                  {"mIoU": row["ade20k_miou"], "mAcc": 60.0}, **setting))
+                                  {"mIoU": row["ade20k_miou"], "mAcc": 60.0}, protocol_id="upernet-160k-ss",
+                                  **setting))
             coco = {c.metric: row[c.key] for c in layout.MAIN_COLUMNS if c.task == "detection"}
-            results.append(Result("detection", "coco", "mask-rcnn", "AP_bbox", coco["AP_bbox"], coco, **setting))
+            results.append(Result("detection", "coco", "mask-rcnn", "AP_bbox", coco["AP_bbox"], coco,
+                                  protocol_id="vitdet-100ep", **setting))
     for row in pd.read_csv(REFERENCE_DIR / "mixedae_cvpr2023_transfer.csv").to_dict("records"):
         for dataset, _ in layout.TRANSFER_DATASETS:
             results.append(Result("classification", dataset, "finetune", "top1", row[dataset], method=row["method"],
@@ -88,10 +91,11 @@ def paper_as_our_results() -> list[Result]:
     for row in pd.read_csv(REFERENCE_DIR / "mixedae_cvpr2023_ablations.csv").to_dict("records"):
         tags = {"ablation": row["ablation"], "variant": row["variant"]}
         results.append(Result("classification", "imagenet", "finetune", "top1", row["imagenet_top1"],
-                              method="mixedae", arch="vit_base_patch16", pretrain_epochs=300, tags=tags))
+                              method="mixedae", arch="vit_base_patch16", pretrain_epochs=300, tags=tags,
+                              protocol_id="mae-finetune"))
         results.append(Result("segmentation", "ade20k", "upernet", "mIoU", row["ade20k_miou"],
                               {"mIoU": row["ade20k_miou"]}, method="mixedae", arch="vit_base_patch16",
-                              pretrain_epochs=300, tags=tags))
+                              pretrain_epochs=300, tags=tags, protocol_id="upernet-160k-ss"))
     return results
 
 
@@ -99,15 +103,21 @@ def paper_as_our_results() -> list[Result]:
 
 
 def test_reference_rows_print_the_poster_exactly():
+    """The poster does not say how its numbers were measured: every one of them is in an "[unstated]" column, none
+    in the columns of our protocols."""
     tables = by_name(build_tables([]))
-    main_rows = as_text(tables["main"].frame[["Method", "Pre-train epochs", "Pre-train GPU-days", *MAIN_HEADERS]])
+    main_table = tables["main"].frame
+    unstated = [f"{header} [unstated]" for header in MAIN_HEADERS]
+    main_rows = as_text(main_table[["Method", "Pre-train epochs", "Pre-train GPU-days", *unstated]])
     expected = [[method, epochs + "††" * (method in EFFECTIVE), *rest]
                 for method, epochs, *rest in parse(POSTER_MAIN)]
     assert main_rows == expected
-    assert set(tables["main"].frame["Source"]) == {"paper"}
+    assert main_table[MAIN_HEADERS].isna().all().all()  # nothing beside our protocols' numbers
+    assert set(main_table["Source"]) == {"paper"}
     assert as_text(tables["transfer"].frame[["Method", *TRANSFER_HEADERS]]) == parse(POSTER_TRANSFER)
+    assert list(tables["transfer"].frame["Protocol"]) == ["ericsson-finetune"] * 5 + ["unstated"] * 5
     ablation = tables["ablation_objective"].frame
-    assert as_text(ablation[["Variant", "ImageNet top-1", "ADE20K mIoU"]]) == [
+    assert as_text(ablation[["Variant", "ImageNet top-1 [unstated]", "ADE20K mIoU [unstated]"]]) == [
         [variant, *values] for variant, values in POSTER_ABLATION.items()]
 
 
@@ -156,7 +166,7 @@ def test_deltas_are_signed_with_one_decimal():
 
 def imagenet(top1: float, method: str = "mixedae", seed: int = 0, epochs: float = 300, **extra) -> Result:
     return Result("classification", "imagenet", "finetune", "top1", top1, {"top1": top1}, method=method,
-                  arch="vit_tiny", pretrain_epochs=epochs, seed=seed, **extra)
+                  arch="vit_tiny", pretrain_epochs=epochs, seed=seed, **{"protocol_id": "mae-finetune", **extra})
 
 
 def test_seeds_of_one_setting_aggregate_into_mean_std_and_n():
@@ -212,7 +222,7 @@ def test_ablation_rows_come_from_tags_with_only_the_metrics_present():
     assert tables["main"].frame.empty and tables["other"].frame.empty
     with_paper = by_name(build_tables(records))["ablation_objective"].frame
     assert list(with_paper["Source"]) == ["paper"] * 3 + ["ours"] * 2
-    assert "ADE20K mIoU" in with_paper.columns
+    assert "ADE20K mIoU [unstated]" in with_paper.columns
 
 
 def test_no_reference_hides_the_papers_rows():
@@ -220,7 +230,8 @@ def test_no_reference_hides_the_papers_rows():
     with_paper, without = build_tables(records), build_tables(records, reference=False)
     assert "paper" in set(with_paper[0].frame["Source"])
     assert all(set(t.frame["Source"]) <= {"ours"} for t in without if "Source" in t.frame)
-    assert [t.name for t in without] == ["main", "transfer", "other"]  # no ablation table of the paper's
+    # no ablation table of the paper's; the RC-MAE table holds our MAE-protocol ImageNet number beside its own
+    assert [t.name for t in without] == ["main", "transfer", "rcmae", "other"]
 
 
 # --- rendering -------------------------------------------------------------------------------------------------
@@ -323,3 +334,45 @@ def test_a_rerun_on_the_same_weights_replaces_the_run_instead_of_counting_as_a_s
     assert (cell.n, cell.mean) == (3, pytest.approx((83.4 + 84.0 + 85.0) / 3))
     unnamed = [imagenet(83.0), imagenet(83.0)]  # no sha256: nothing says they are one run, both count
     assert by_name(build_tables(unnamed, reference=False))["main"].frame.loc[0, "ImageNet top-1"].n == 2
+
+
+# --- protocols -------------------------------------------------------------------------------------------------
+
+
+def test_a_number_measured_under_another_protocol_never_shares_a_column():
+    coco = {"AP_bbox": 47.0, "AP_segm": 42.0}
+    vitdet = Result("detection", "coco", "mask-rcnn", "AP_bbox", 47.0, coco, method="mae", arch="vit_base_patch16",
+                    pretrain_epochs=1600, protocol_id="vitdet-100ep")
+    shorter = dataclasses.replace(vitdet, value=30.0, metrics={"AP_bbox": 30.0, "AP_segm": 25.0},
+                                  protocol_id="vitdet-100ep+iterations,lr_steps,warmup_iters")
+    tables = by_name(build_tables([vitdet, shorter]))
+    main_table = tables["main"].frame
+    ours, paper = main_table[main_table["Source"] == "ours"], main_table[main_table["Source"] == "paper"]
+    assert as_text(ours[["Method", "COCO AP^bb", "COCO AP^mk"]]) == [["MAE", "47.0", "42.0"]]  # ViTDet's alone
+    # The poster's MAE-1600 (protocol unstated) is in a column of its own, never in ours.
+    mae_1600 = paper[(paper["Method"] == "MAE") & (paper["Pre-train epochs"] == "1600")].iloc[0]
+    assert mae_1600["COCO AP^bb"] is None and render.text(mae_1600["COCO AP^bb [unstated]"]) == "50.6"
+    assert ours["COCO AP^bb [unstated]"].isna().all()
+    assert any("COCO AP^bb, COCO AP^bb_50" in note and "vitdet-100ep" in note for note in tables["main"].notes)
+    # The shortened run measured under a protocol of its own: listed apart, its protocol named.
+    other = tables["other"].frame
+    assert list(other["Protocol"]) == ["vitdet-100ep+iterations,lr_steps,warmup_iters"]
+    assert render.text(other.iloc[0]["Value"]) == "30.0"
+
+
+def test_the_reference_rows_name_a_protocol_and_a_source_for_every_number():
+    for path in sorted(REFERENCE_DIR.glob("*.csv")):
+        frame = pd.read_csv(path)
+        assert frame["source"].notna().all() and (frame["source"].str.len() > 20).all(), path.name
+        protocols = [c for c in frame.columns if c == "protocol" or c.endswith("_protocol")]
+        assert protocols, path.name
+        kind = path.stem.rsplit("_", 1)[-1]
+        columns = {"mpvit": layout.MPVIT_COLUMNS, "rcmae": layout.RCMAE_COLUMNS}.get(kind, layout.MAIN_COLUMNS)
+        for column in columns:  # every number of a column that fixes a protocol has its own protocol entry
+            if column.reference_protocol and column.key in frame:
+                numbers = frame[column.key].notna()
+                assert frame.loc[numbers, column.reference_protocol].notna().all(), (path.name, column.key)
+    rcmae = pd.read_csv(REFERENCE_DIR / "rcmae_iclr2023_rcmae.csv").set_index(["method", "arch"])
+    assert rcmae.loc[("MAE", "ViT-B/16"), "coco_protocol"] == "benchmarking-100ep"  # Li et al. 2021, not ViTDet
+    main_csv = pd.read_csv(REFERENCE_DIR / "mixedae_cvpr2023_main.csv")
+    assert set(main_csv["coco_protocol"]) == {"unstated"}  # the poster does not say

@@ -69,7 +69,17 @@ from mimbench.backbones.contract import BackboneContract, backbone_contract  # n
 from mimbench.backbones.layer_decay import layer_decay_param_groups  # noqa: E402
 from mimbench.backbones.vit import create_backbone  # noqa: E402
 from mimbench.backbones.vit_additions import add_layer_scale, add_relative_position_bias  # noqa: E402
-from mimbench.core.config import Embedded, RunSpec, exit_status, parse_config, record_tags, to_dict  # noqa: E402
+from mimbench.core.config import (  # noqa: E402
+    Embedded,
+    RunSpec,
+    exit_status,
+    parse_config,
+    print_config,
+    protocol_id,
+    record_tags,
+    to_dict,
+    wants_printed_config,
+)
 from mimbench.core.errors import ConfigError, DatasetError  # noqa: E402
 from mimbench.core.io import file_sha256  # noqa: E402
 from mimbench.core.record import build_result  # noqa: E402
@@ -166,6 +176,11 @@ MPVIT_UPERNET_160K = dataclasses.replace(
     UPERNET_VITB_160K, lr=6e-5, weight_decay=0.01, layer_decay=1.0, drop_path_rate=None,
     drop_path_by_arch={"mpvit_small": 0.2, "mpvit_base": 0.4}, head_channels=512, fp16_without_bf16=False,
     test_mode="whole")
+
+# The protocol each preset measures under: a record's protocol_id, and the ids tables/reference/ rows name
+# (single-scale test: mmseg's MAE config tests one scale; MPViT's too).
+PROTOCOLS = {"upernet_vitb_160k": "upernet-160k-ss", "mpvit_upernet_160k": "mpvit-upernet-160k-ss",
+             "embedded_cpu": "ade20k-embedded-cpu"}
 
 PRESETS: dict[str, SegmentationPreset] = {
     "upernet_vitb_160k": UPERNET_VITB_160K,
@@ -737,6 +752,16 @@ def resolve_drop_path(recipe: SegmentationPreset, arch: str) -> SegmentationPres
     return dataclasses.replace(recipe, drop_path_rate=rate)
 
 
+def run_protocol(config: Ade20kConfig) -> str:
+    """The protocol the run measures under (`mimbench.core.config.protocol_id`): its preset's id when its recipe
+    is the preset's for the arch, else the id and what changed."""
+    preset = PRESETS.get(config.preset)
+    if preset is not None and config.run.arch is not None:
+        preset = resolve_drop_path(preset, config.run.arch)
+    return protocol_id(PROTOCOLS, config.preset, config.recipe, preset,
+                       bookkeeping=("val_interval", "checkpoint_interval", "log_interval", "num_workers"))
+
+
 def run_ade20k(config: Ade20kConfig) -> Result | None:
     """Train (or only evaluate) UperNet on ``config.run.ckpt`` and append the record; the record on rank 0."""
     device = check_options(config)
@@ -803,8 +828,10 @@ def train_and_record(config: Ade20kConfig, data: SegmentationData, work_dir: Pat
                  val_images=len(runner.test_dataloader.dataset),
                  # the train loop exists only when trained (reading it would build it for --eval-only)
                  train_images=None if config.eval_only else len(runner.train_dataloader.dataset))
-    run = config.run
-    result = build_result(task="segmentation", dataset=data.name, protocol="upernet", metric="mIoU", metrics=metrics,
+    run = dataclasses.replace(config.run, arch=arch)
+    result = build_result(task="segmentation", dataset=data.name, protocol="upernet",
+                          protocol_id=run_protocol(dataclasses.replace(config, run=run)), metric="mIoU",
+                          metrics=metrics,
                           checkpoint=run.ckpt, metadata=report.metadata, sha256=sha256, method=run.method, arch=arch,
                           seed=run.seed, config={**to_dict(config), **facts}, started=started, device=device,
                           dtype=dtype,
@@ -832,4 +859,6 @@ def parse_args(argv: list[str] | None) -> Ade20kConfig:
 
 def main(argv: list[str] | None = None) -> int:
     """``transfer/run.py ade20k ...``: 0 on success, 1 after one ``error:`` line for a problem the user can fix."""
+    if wants_printed_config(argv):
+        return exit_status(lambda: print_config(config := parse_args(argv), run_protocol(config)))
     return exit_status(lambda: run_ade20k(parse_args(argv)))

@@ -41,7 +41,16 @@ import torch.nn as nn
 
 from mimbench.backbones.checkpoint import backbone_from_checkpoint
 from mimbench.backbones.cli import backbone_size
-from mimbench.core.config import RunSpec, config_parser, parse_config, record_tags, to_dict, with_overrides
+from mimbench.core.config import (
+    RunSpec,
+    config_parser,
+    parse_config,
+    protocol_id,
+    record_tags,
+    to_dict,
+    wants_printed_config,
+    with_overrides,
+)
 from mimbench.core.errors import ConfigError
 from mimbench.core.io import atomic_write, file_sha256
 from mimbench.core.rundir import RunLock, start_run_on_rank0
@@ -114,6 +123,24 @@ class ClassificationConfig:
     cache_dir: str = "runs/feature_cache"  # the linear probe's features, shared by every run
 
 
+# The protocol each fine-tuning preset measures under (a record's protocol_id; tables/reference/ rows name the same
+# ids), and the linear probe's (transfer/logistic.py: L-BFGS on the pooled features, lambda chosen on val).
+PRESET_PROTOCOLS = {"imagenet": "mae-finetune", "imagenet-linear": "mae-linprobe", "transfer": "transfer-grid",
+                    "ericsson": "ericsson-finetune", "embedded": "digits-embedded"}
+LINEAR_PROTOCOL = "lbfgs-linear"
+
+
+def run_protocol(config: ClassificationConfig) -> str:
+    """The protocol the run measures under (`mimbench.core.config.protocol_id`): the probe's id (plus ``+pool``
+    for the class token), or the fine-tuning preset's when the recipe is the preset's, else the id and what
+    changed."""
+    if config.protocol == "linear":
+        probe = config.probe or LinearProbe()
+        return protocol_id({}, LINEAR_PROTOCOL, replace(LinearProbe(), pool=probe.pool), LinearProbe())
+    return protocol_id(PRESET_PROTOCOLS, config.preset, config.recipe, PRESETS.get(config.preset or ""),
+                       bookkeeping=("num_workers", "batch_size"))  # per process: the total is the recipe's
+
+
 def default_preset(dataset: str | None, protocol: str) -> str | None:
     """The recipe a protocol trains with unless told: none for the linear probe."""
     if protocol == "linear":
@@ -142,7 +169,7 @@ def parse_args(argv: list[str] | None, description: str | None = None) -> Classi
                           default_preset=default_preset(flags.get("dataset"), flags.get("protocol", "linear")))
     if config.dataset is None:
         parser.error(f"name a dataset ({', '.join(DATASETS)}), or pass a --config that does")
-    if config.run.ckpt is None:
+    if config.run.ckpt is None and not wants_printed_config(argv):
         parser.error("--ckpt is required (a checkpoint file: ours, official MAE / RC-MAE, timm, MMPretrain, ...)")
     try:
         return protocol_options(config, flags)
@@ -261,7 +288,8 @@ def run_classification(config: ClassificationConfig) -> Result:
         else:
             del backbone  # each run of the grid loads its own classifier
             metrics, details = finetune(config, spec, split, out, distributed, dtype)
-        result = build_result(task="classification", dataset=spec.name, protocol=config.protocol, metric=spec.metric,
+        result = build_result(task="classification", dataset=spec.name, protocol=config.protocol,
+                              protocol_id=run_protocol(config), metric=spec.metric,
                               metrics=metrics, checkpoint=run.ckpt, metadata=report.metadata,
                               sha256=checkpoint_sha256, method=run.method, arch=run.arch or details.get("arch"),
                               seed=run.seed, config={**to_dict(config), **details}, started=started,

@@ -31,6 +31,8 @@ folder's lock and checks its ``config.yaml`` the same way, but writes no configu
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -65,6 +67,7 @@ from detectron2.modeling.backbone import BACKBONE_REGISTRY, FPN, Backbone
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from detectron2.modeling.backbone.vit import ViT
 from detectron2.solver import LRMultiplier, WarmupParamScheduler
+from detectron2.solver.build import get_default_optimizer_params
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
@@ -83,8 +86,19 @@ from mimbench.backbones.cli import backbone_size
 from mimbench.backbones.contract import BackboneContract, backbone_contract
 from mimbench.backbones.layer_decay import layer_decay_param_groups
 from mimbench.backbones.vit import ARCHS, create_backbone
-from mimbench.core.config import Embedded, RunSpec, config_parser, exit_status, parse_config, record_tags, to_dict
-from mimbench.core.errors import ConfigError, TrainingDiverged
+from mimbench.core.config import (
+    Embedded,
+    RunSpec,
+    config_parser,
+    exit_status,
+    parse_config,
+    print_config,
+    protocol_id,
+    record_tags,
+    to_dict,
+    wants_printed_config,
+)
+from mimbench.core.errors import ConfigError, TrainingDiverged, UserError
 from mimbench.core.io import file_sha256
 from mimbench.core.rundir import CONFIG_NAME, RunLock, differing_fields, read_config, start_run
 from mimbench.core.runtime import autocast, autocast_dtype, leave_process_group, resolve_device
@@ -139,6 +153,19 @@ class DetectionPreset:
     detr_crop: tuple[int, int] = (384, 600)  # detr: the absolute-range crop after a resize to 400/500/600
     clip_grad: float = 0.0  # the whole model's gradient L2 norm is clipped to this (0: no clipping)
     drop_path_by_arch: dict[str, float] = field(default_factory=dict)  # where drop_path is None
+    # ViTDet's heads and optimizer by default; Detectron2's standard FPN Mask R-CNN (Base-RCNN-FPN.yaml) where a
+    # hierarchical backbone's official config is that.
+    rpn_convs: int = 2  # the RPN head's 3x3 convolutions (ViTDet: 2; Detectron2's StandardRPNHead: 1)
+    head_norm: str = "LN"  # the box and mask heads' conv norm (Detectron2's get_norm name; "": none)
+    pre_nms_topk: tuple[int, int] = (2000, 1000)  # RPN proposals per level before NMS (training, test)
+    backbone_norm: str = "FrozenBN"  # a hierarchical backbone's BatchNorm: "FrozenBN", or "SyncBN" (trained)
+    warmup_factor: float = 0.001  # the lr starts at this fraction and rises linearly over warmup_iters
+    # Detectron2's get_default_optimizer_params: torch.nn norm layers' weight decay (None: weight_decay, as every
+    # other parameter) and the parameters, by their own name, without decay.
+    weight_decay_norm: float | None = 0.0
+    no_decay: tuple[str, ...] = ("pos_embed",)
+    filter_empty: bool = True  # training skips images without annotations
+    recompute_boxes: bool = True  # boxes recomputed from the masks after the crop (ViTDet's LSJ loader)
 
 
 # ViTDet's ViT-B Mask R-CNN, 100 epochs at batch 64: Detectron2's projects/ViTDet/configs/COCO/
@@ -163,7 +190,19 @@ VITDET_B_100EP = DetectionPreset(
     checkpoint_period=5000,  # common/train.py: checkpointer.period
     eval_period=0,  # ours: one evaluation at the end (common/train.py evaluates every 5000 iterations)
     log_period=20,  # common/train.py: log_period
+    # The rest are the field defaults: 2-conv RPN, LN heads, pre-NMS top-k (2000, 1000), warmup factor 0.001, no
+    # decay for nn.LayerNorm and pos_embed, empty images dropped, boxes recomputed (tests/test_official_configs.py).
 )
+# ViT-L and ViT-H (mask_rcnn_vitdet_l_100ep.py, mask_rcnn_vitdet_h_75ep.py): drop path and layer decay per size;
+# ViT-H trains 75 epochs (max_iter and milestones x 3 // 4; its warmup stays 250 / 184375 of the run, as the
+# config's fraction) and decays every parameter (overrides = {}, weight_decay_norm = None).
+VITDET_L_100EP = dataclasses.replace(VITDET_B_100EP, drop_path=0.4, layer_decay=0.8)
+VITDET_H_75EP = dataclasses.replace(
+    VITDET_B_100EP, drop_path=0.5, layer_decay=0.9, iterations=184375 * 3 // 4,
+    lr_steps=tuple(step * 3 // 4 for step in VITDET_B_100EP.lr_steps),
+    warmup_iters=round(250 / 184375 * (184375 * 3 // 4)), weight_decay_norm=None, no_decay=())
+# ViTDet's preset for a ViT by its size (embed dim); other ViTs take ViT-B's.
+VITDET_BY_WIDTH = {768: "vitdet_b_100ep", 1024: "vitdet_l_100ep", 1280: "vitdet_h_75ep"}
 
 # The embedded 64² scenes on a CPU in minutes: the demo's patch-4 tiny ViTs (16×16 tokens, windows of 8), a
 # two-level pyramid (strides 4, 8, and 16 max-pooled), anchors for small images, narrow heads (the heads'
@@ -174,28 +213,37 @@ EMBEDDED_CPU = dataclasses.replace(
     VITDET_B_100EP, image_size=64, total_batch_size=4, iterations=300, lr=1e-3, layer_decay=0.9, drop_path=0.0,
     window_size=8, warmup_iters=30, lr_steps=(240, 280), lsj_scale=(0.5, 1.5), pyramid_strides=(4, 8),
     anchor_sizes=(16, 32, 64), rois_per_image=32, head_channels=64, box_head_convs=0, box_head_fcs=(256, 256),
-    proposals=(200, 100), detections_per_image=20, checkpoint_period=100, log_period=5)
+    proposals=(200, 100), pre_nms_topk=(400, 200), detections_per_image=20, checkpoint_period=100, log_period=5)
 
-# MPViT's Mask R-CNN (Lee et al., CVPR 2022, Sec. 4.2 and the official detectron2/configs/Base-RCNN-FPN.yaml,
-# maskrcnn/mask_rcnn_mpvit_small_1x.yaml and _ms_3x.yaml): AdamW lr 1e-4, wd 0.05, batch 16, 90k iterations with
-# steps at 60k/80k, 1000 warmup iterations, full-model gradient clipping at 1.0, single scale 800 (max 1333), the
-# standard FPN heads (2-fc box head, no norm in the heads' convs is Detectron2's; ours keep the base's), no layer
-# decay. Drop path is per size (the size's config: T/XS 0.1, S 0.2, B 0.4), --drop-path for any other backbone.
+# MPViT's Mask R-CNN (Lee et al., CVPR 2022, Sec. 4.2; the official detectron2/configs/Base-RCNN-FPN.yaml,
+# maskrcnn/mask_rcnn_mpvit_*_1x.yaml and _ms_3x.yaml, train_net.py): Detectron2's standard FPN Mask R-CNN (1-conv
+# RPN, 2-fc box head and 4-conv mask head without norm, pre-NMS top-k 2000 / 1000 per level) over the backbone with
+# its BatchNorm trained (SyncBN); AdamW lr 1e-4 with weight decay 0.05 on every parameter, batch 16, 90k iterations
+# with steps at 60k/80k, 1000 warmup iterations from 0.01, full-model gradient clipping at 1.0, shortest side 800
+# (max 1333), images without annotations kept, boxes as annotated (never recomputed), no layer decay. Drop path is
+# per size (the size's config: T/XS 0.1, S 0.2, B 0.4), --drop-path for any other backbone.
 MPVIT_MASKRCNN_1X = dataclasses.replace(
     VITDET_B_100EP, image_size=800, total_batch_size=16, iterations=90_000, lr=1e-4, weight_decay=0.05,
     layer_decay=1.0, drop_path=None,
     drop_path_by_arch={"mpvit_tiny": 0.1, "mpvit_xsmall": 0.1, "mpvit_small": 0.2, "mpvit_base": 0.4},
     warmup_iters=1000, lr_steps=(60_000, 80_000), box_head_convs=0,
     box_head_fcs=(1024, 1024), checkpoint_period=10_000, augmentation="resize", min_sizes=(800,), max_size=1333,
-    clip_grad=1.0)
+    clip_grad=1.0, rpn_convs=1, head_norm="", backbone_norm="SyncBN", warmup_factor=0.01, weight_decay_norm=None,
+    no_decay=(), filter_empty=False, recompute_boxes=False)
 # 3x multi-scale: 270k iterations, steps at 210k/250k, shortest side 480-800 in steps of 32 with DETR's crop.
 MPVIT_MASKRCNN_3X_MS = dataclasses.replace(
     MPVIT_MASKRCNN_1X, iterations=270_000, lr_steps=(210_000, 250_000), augmentation="detr",
     min_sizes=tuple(range(480, 801, 32)))
 
-PRESETS: dict[str, DetectionPreset] = {"vitdet_b_100ep": VITDET_B_100EP, "embedded_cpu": EMBEDDED_CPU,
+PRESETS: dict[str, DetectionPreset] = {"vitdet_b_100ep": VITDET_B_100EP, "vitdet_l_100ep": VITDET_L_100EP,
+                                       "vitdet_h_75ep": VITDET_H_75EP, "embedded_cpu": EMBEDDED_CPU,
                                        "mpvit_maskrcnn_1x": MPVIT_MASKRCNN_1X,
                                        "mpvit_maskrcnn_3x_ms": MPVIT_MASKRCNN_3X_MS}
+
+# The protocol each preset measures under: a record's protocol_id, and the ids tables/reference/ rows name.
+PROTOCOLS = {"vitdet_b_100ep": "vitdet-100ep", "vitdet_l_100ep": "vitdet-100ep", "vitdet_h_75ep": "vitdet-75ep",
+             "embedded_cpu": "coco-embedded-cpu",
+             "mpvit_maskrcnn_1x": "mpvit-maskrcnn-1x", "mpvit_maskrcnn_3x_ms": "mpvit-maskrcnn-3x-ms"}
 
 # --embedded: the generated COCO-format set (written once, at the embedded preset's image size).
 EMBEDDED = Embedded(root="runs/datasets/coco-embedded", preset="embedded_cpu",
@@ -269,12 +317,19 @@ def simple_pyramid(backbone, arch: str, recipe: DetectionPreset) -> None:
 class ContractBackbone(Backbone):
     """A hierarchical backbone as Detectron2's bottom-up network, the way ``build_resnet_backbone`` gives FPN a
     ResNet: its contract's levels by name, with channels and stride (``output_shape``), and their maps. Batch
-    norm is frozen, as in Detectron2's FPN Mask R-CNN (``norm="FrozenBN"``): a few images per process are too
-    few for batch statistics."""
+    norm is frozen by default, as Detectron2's ResNets (``norm="FrozenBN"``), or trained ("SyncBN": synchronised
+    across processes on GPUs; on a CPU each process keeps its own statistics)."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, norm: str = "FrozenBN") -> None:
         super().__init__()
-        self.net = FrozenBatchNorm2d.convert_frozen_batchnorm(net)
+        if norm == "FrozenBN":
+            net = FrozenBatchNorm2d.convert_frozen_batchnorm(net)
+        elif norm == "SyncBN":  # trained, its statistics over every process's images (one GPU each)
+            if torch.cuda.is_available() and comm.get_world_size() > 1:
+                net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        else:
+            raise ConfigError(f"--backbone-norm {norm!r}: choose FrozenBN or SyncBN")
+        self.net = net
         self.contract = backbone_contract(self.net)
         levels = self.contract.feature_info
         self._out_features = [level.name for level in levels]
@@ -299,7 +354,7 @@ def feature_pyramid(config, backbone: nn.Module, recipe: DetectionPreset) -> Non
     """Detectron2's FPN (``mask_rcnn_fpn.py``'s, LastLevelMaxPool on top) over the backbone's stages at the
     recipe's pyramid strides. The input stays as ViTDet's config has it: RGB with ImageNet's mean and std, as
     our backbones are trained (``mask_rcnn_fpn.py``'s BGR caffe means suit Detectron2's own ResNets only)."""
-    bottom_up = ContractBackbone(backbone)
+    bottom_up = ContractBackbone(backbone, recipe.backbone_norm)
     by_stride = {shape.stride: name for name, shape in bottom_up.output_shape().items()}
     if not set(recipe.pyramid_strides) <= set(by_stride):
         raise ConfigError(f"{getattr(backbone, 'arch', type(backbone).__name__)} has levels at strides "
@@ -323,8 +378,9 @@ def configure_heads(config, recipe: DetectionPreset, num_classes: int) -> list[s
     heads.box_pooler.scales = heads.mask_pooler.scales = tuple(1 / stride for stride in strides[:-1])
     heads.batch_size_per_image = recipe.rois_per_image
     heads.box_predictor.test_topk_per_image = recipe.detections_per_image
-    config.proposal_generator.update(pre_nms_topk=tuple(2 * n for n in recipe.proposals),
-                                     post_nms_topk=recipe.proposals)
+    config.proposal_generator.update(pre_nms_topk=recipe.pre_nms_topk, post_nms_topk=recipe.proposals)
+    config.proposal_generator.head.conv_dims = [-1] * recipe.rpn_convs
+    heads.box_head.conv_norm = heads.mask_head.conv_norm = recipe.head_norm
     width = recipe.head_channels
     config.backbone.out_channels = config.proposal_generator.head.in_channels = width
     heads.box_head.input_shape.channels = heads.mask_head.input_shape.channels = width
@@ -391,14 +447,17 @@ BACKBONE_PREFIX = {"plain": "backbone.net.", "hierarchical": "backbone.bottom_up
 
 
 def optimizer_for(detector: nn.Module, arch: str, recipe: DetectionPreset, lr: float) -> torch.optim.Optimizer:
-    """AdamW with layer-wise lr decay by the backbone's contract (its layers decay; pyramid and heads get the
-    full lr). ``detector`` is the bare model, not its DDP wrapper (the prefix names its own parameters)."""
+    """AdamW over Detectron2's own parameter groups (``get_default_optimizer_params``: the recipe's weight decay,
+    none for torch.nn norm layers where ``weight_decay_norm`` is 0 and for the ``no_decay`` names), with layer-wise
+    lr decay by the backbone's contract (its layers decay; pyramid and heads get the full lr). ``detector`` is the
+    bare model, not its DDP wrapper (the prefix names its own parameters)."""
     contract = arch_contract(arch)
-    groups = layer_decay_param_groups(detector, contract, recipe.weight_decay, recipe.layer_decay,
-                                      backbone_prefix=BACKBONE_PREFIX[contract.kind])
-    for group in groups:
-        group["lr"] = lr * group["lr_scale"]
-        del group["param_names"]
+    scales = {name: group["lr_scale"] for group in layer_decay_param_groups(
+        detector, contract, recipe.weight_decay, recipe.layer_decay, backbone_prefix=BACKBONE_PREFIX[contract.kind])
+        for name in group["param_names"]}
+    groups = get_default_optimizer_params(
+        detector, base_lr=lr, weight_decay=recipe.weight_decay, weight_decay_norm=recipe.weight_decay_norm,
+        overrides={name: {"weight_decay": 0.0} for name in recipe.no_decay}, lr_factor_func=scales.__getitem__)
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
 
 
@@ -505,10 +564,10 @@ def train_augmentations(recipe: DetectionPreset) -> list:
 
 
 def train_loader(name: str, recipe: DetectionPreset, batch_size: int, num_workers: int, seed: int):
-    dataset = get_detection_dataset_dicts(name)
+    dataset = get_detection_dataset_dicts(name, filter_empty=recipe.filter_empty)
     mapper = DatasetMapper(
         is_train=True, image_format="RGB", use_instance_mask=True, instance_mask_format=mask_format(dataset),
-        recompute_boxes=True, augmentations=train_augmentations(recipe))
+        recompute_boxes=recipe.recompute_boxes, augmentations=train_augmentations(recipe))
     return build_detection_train_loader(dataset=dataset, mapper=mapper, total_batch_size=batch_size,
                                         num_workers=num_workers, sampler=TrainingSampler(len(dataset), seed=seed))
 
@@ -570,6 +629,18 @@ def resolve_drop_path(recipe: DetectionPreset, arch: str) -> DetectionPreset:
     """The recipe with its drop path for ``arch`` spelled out (a recipe may set it per backbone size)."""
     return dataclasses.replace(recipe, drop_path=per_arch(recipe.drop_path, recipe.drop_path_by_arch, arch,
                                                           "--drop-path"))
+
+
+def run_protocol(config: CocoConfig) -> str:
+    """The protocol the run measures under (`mimbench.core.config.protocol_id`): its preset's id when the recipe it
+    runs (``--batch-size`` and ``--max-iter`` applied) is the preset's for the arch, else the id and what changed."""
+    preset = PRESETS.get(config.preset)
+    if preset is not None and config.run.arch is not None:
+        preset = effective_recipe(dataclasses.replace(config, recipe=resolve_drop_path(preset, config.run.arch),
+                                                      batch_size=None, max_iter=None))
+    recipe = effective_recipe(config) if config.run.arch is not None else config.recipe
+    return protocol_id(PROTOCOLS, config.preset, recipe, preset,
+                       bookkeeping=("checkpoint_period", "eval_period", "log_period"))
 
 
 def effective_recipe(config: CocoConfig) -> DetectionPreset:
@@ -641,7 +712,8 @@ def run_coco(config: CocoConfig) -> Result | None:
     metrics = store_metrics(results)
     dataset = dataset_name(run.data_root)
     result = build_result(
-        task="detection", dataset=dataset, protocol="mask-rcnn", metric=HEADLINE, metrics=metrics,
+        task="detection", dataset=dataset, protocol="mask-rcnn", protocol_id=run_protocol(config), metric=HEADLINE,
+        metrics=metrics,
         checkpoint=run.ckpt, metadata=report.metadata, sha256=None, method=run.method, arch=run.arch,
         seed=run.seed, config={**to_dict(config), "resolved_recipe": asdict(recipe),
                                "processes": comm.get_world_size()},
@@ -666,7 +738,7 @@ def train(model: nn.Module, config: CocoConfig, recipe: DetectionPreset, train_n
     steps = [1.0 * 0.1 ** i for i in range(len(recipe.lr_steps) + 1)]
     schedule = WarmupParamScheduler(
         MultiStepParamScheduler(steps, milestones=list(recipe.lr_steps), num_updates=recipe.iterations),
-        warmup_factor=0.001, warmup_length=recipe.warmup_iters / recipe.iterations)
+        warmup_factor=recipe.warmup_factor, warmup_length=recipe.warmup_iters / recipe.iterations)
     scheduler = LRMultiplier(optimizer, multiplier=schedule, max_iter=recipe.iterations)
     # The trainer's state holds the iteration, the optimizer, the grad scaler and the hooks' (the scheduler's).
     checkpointer = DetectionCheckpointer(model, str(out), trainer=trainer)
@@ -716,14 +788,31 @@ def parse_args(argv: list[str] | None) -> CocoConfig:
     parser = config_parser(CocoConfig, prog, __doc__, PRESETS, EMBEDDED)
     parser.add_argument("--no-amp", dest="precision", action="store_const", const="fp32",
                         help="the same as --precision fp32")
-    config = parse_config(CocoConfig, argv, prog=prog, presets=PRESETS, default_preset=CocoConfig.preset,
+    config = parse_config(CocoConfig, argv, prog=prog, presets=PRESETS, default_preset=vitdet_preset(argv),
                           embedded=EMBEDDED, parser=parser, before_data=lambda c: check_checkpoint(c.run.ckpt))
+    if wants_printed_config(argv):
+        return config
     if not config.run.ckpt:
         parser.error("--ckpt is required (a checkpoint file: ours, official MAE / RC-MAE, timm, MMPretrain, ...)")
     if not config.run.data_root:
         parser.error("pass either --data-root DIR (COCO 2017: annotations/instances_{train,val}2017.json, "
                      "train2017/, val2017/) or --embedded (the small generated set for a CPU)")
     return config
+
+
+def vitdet_preset(argv: list[str] | None) -> str:
+    """The default preset: ViTDet's for the checkpoint's ViT size (``--arch``, else the checkpoint's; B, L or H by
+    width), ViT-B's for any other backbone. A checkpoint that cannot be read is left to the loader's check."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--ckpt")
+    pre.add_argument("--arch")
+    pre.add_argument("--which", default="teacher")
+    known = pre.parse_known_args(argv)[0]
+    arch = known.arch
+    if arch is None and known.ckpt and Path(known.ckpt).is_file():
+        with contextlib.suppress(UserError):
+            arch = infer_arch(known.ckpt, known.which)
+    return VITDET_BY_WIDTH.get(ARCHS.get(arch or "", {}).get("embed_dim"), CocoConfig.preset)
 
 
 def trained_weights(config: CocoConfig) -> Path:
@@ -784,6 +873,9 @@ def run_launched(config: CocoConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if wants_printed_config(argv):
+        return exit_status(lambda: print_config(config := parse_args(argv), run_protocol(config)))
+
     def launch_run() -> None:
         config = prepare(parse_args(argv))
         lock = hold_run_dir(config) if config.machine_rank == 0 else None  # one holder: the first machine's

@@ -22,7 +22,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from mimbench.core.config import exit_status
+from mimbench.core.config import exit_status, print_config, wants_printed_config
 
 # Tasks served by the other adapters; each parses its own flags (``transfer/run.py coco --help``).
 ADAPTERS = {"coco": "mimbench.transfer.coco", "ade20k": "mimbench.transfer.ade20k"}
@@ -32,8 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ADAPTERS:  # detection and segmentation: imported only when asked for
         return importlib.import_module(ADAPTERS[argv[0]]).main(argv[1:])
-    from mimbench.transfer.classification import parse_args, run_classification
+    from mimbench.transfer.classification import parse_args, protocol_options, run_classification, run_protocol
 
+    if wants_printed_config(argv):  # the protocol's own options, as the run would resolve them
+        return exit_status(lambda: print_config(config := protocol_options(parse_args(argv, description=__doc__), {}),
+                                                run_protocol(config)))
     return exit_status(lambda: run_classification(parse_args(argv, description=__doc__)))
 
 
