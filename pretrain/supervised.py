@@ -23,6 +23,7 @@ import json
 import random
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -220,6 +221,26 @@ def resolve(config: SupervisedConfig) -> SupervisedConfig:
                                recipe=dataclasses.replace(recipe, arch=arch, drop_path_rate=drop_path))
 
 
+def train_transform(recipe: SupervisedRecipe) -> Callable:
+    """DeiT's training augmentation through timm: RandomResizedCrop (bicubic) and flip, RandAugment, random erasing
+    in "pixel" mode with one box (DeiT's --remode pixel --recount 1)."""
+    try:  # timm asserts on an unknown policy deep inside its transform builder
+        return create_transform(
+            recipe.img_size, is_training=True, scale=tuple(recipe.crop_scale), hflip=recipe.hflip,
+            re_prob=recipe.random_erasing, re_mode="pixel", re_count=1, interpolation="bicubic",
+            auto_augment=None if recipe.auto_augment == "none" else recipe.auto_augment,
+            mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    except AssertionError as error:
+        raise ConfigError(f"--auto-augment {recipe.auto_augment!r} is not a timm augmentation policy ({error}); "
+                          "e.g. rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, original, or none") from None
+
+
+def eval_transform(recipe: SupervisedRecipe) -> Callable:
+    """DeiT's validation: resize the short side to img_size / eval_crop_ratio (bicubic), centre crop img_size."""
+    return create_transform(recipe.img_size, crop_pct=recipe.eval_crop_ratio, interpolation="bicubic",
+                            mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
 class SupervisedTrainer(Trainer):
     """The engine's loop (`mimbench.pretrain.engine.Trainer`: DDP, accumulation, bf16, exact resume, cost,
     TensorBoard, progress, the non-finite stop, the run lock) on labelled images: what differs is the data
@@ -253,19 +274,8 @@ class SupervisedTrainer(Trainer):
         self.num_classes = len(train.classes)
         self.dataset_name = EMBEDDED_DATASET if (root / EMBEDDED_MARK).is_file() else "imagenet"
         description = f"{root} ({len(train)} train / {len(val)} val images, {self.num_classes} classes)"
-        normalise = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD)
-        try:  # timm asserts on an unknown policy deep inside its transform builder
-            train_transform = create_transform(
-                recipe.img_size, is_training=True, scale=tuple(recipe.crop_scale), hflip=recipe.hflip,
-                re_prob=recipe.random_erasing, re_mode="pixel", re_count=1, interpolation="bicubic",
-                auto_augment=None if recipe.auto_augment == "none" else recipe.auto_augment, **normalise)
-        except AssertionError as error:
-            raise ConfigError(f"--auto-augment {recipe.auto_augment!r} is not a timm augmentation policy ({error}); "
-                              "e.g. rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, original, or none") from None
-        self.val_set = SeededLabelled(val, create_transform(recipe.img_size, crop_pct=recipe.eval_crop_ratio,
-                                                       interpolation="bicubic", **normalise), run.seed,
-                                      description=f"{root}/val")
-        return SeededLabelled(train, train_transform, run.seed, recipe.repeated_augmentation, description)
+        self.val_set = SeededLabelled(val, eval_transform(recipe), run.seed, description=f"{root}/val")
+        return SeededLabelled(train, train_transform(recipe), run.seed, recipe.repeated_augmentation, description)
 
     def build_model(self) -> nn.Module:
         recipe = self.config.recipe

@@ -85,6 +85,7 @@ from mimbench.transfer.finetune import (
     train_transform,
 )
 from mimbench.transfer.logistic import REGULARISATION_GRID, select_and_evaluate
+from mimbench.transfer.recipes import vit_width
 
 PROG = "transfer/run.py"
 PROTOCOLS = ("linear", "finetune", "linear-lars")
@@ -125,7 +126,9 @@ class ClassificationConfig:
 
 # The protocol each fine-tuning preset measures under (a record's protocol_id; tables/reference/ rows name the same
 # ids), and the linear probe's (transfer/logistic.py: L-BFGS on the pooled features, lambda chosen on val).
-PRESET_PROTOCOLS = {"imagenet": "mae-finetune", "imagenet-linear": "mae-linprobe", "transfer": "transfer-grid",
+PRESET_PROTOCOLS = {"imagenet": "mae-finetune", "imagenet-vitl": "mae-finetune", "imagenet-vith": "mae-finetune",
+                    "imagenet-rcmae-vitl": "rcmae-release-vitl-finetune", "imagenet-linear": "mae-linprobe",
+                    "imagenet-linear-50ep": "mae-linprobe-50ep", "transfer": "transfer-grid",
                     "ericsson": "ericsson-finetune", "embedded": "digits-embedded"}
 LINEAR_PROTOCOL = "lbfgs-linear"
 
@@ -141,13 +144,26 @@ def run_protocol(config: ClassificationConfig) -> str:
                        bookkeeping=("num_workers", "batch_size"))  # per process: the total is the recipe's
 
 
-def default_preset(dataset: str | None, protocol: str) -> str | None:
-    """The recipe a protocol trains with unless told: none for the linear probe."""
+def default_protocol(dataset: str | None) -> str:
+    """The protocol unless told: on ImageNet MAE's LARS probe (the papers' linear numbers), else our linear probe."""
+    return "linear-lars" if dataset == "imagenet" else "linear"
+
+
+# MAE's ImageNet recipes per ViT width (FINETUNE.md): ViT-B's for any other backbone.
+IMAGENET_BY_WIDTH = {"finetune": {1024: "imagenet-vitl", 1280: "imagenet-vith"},
+                     "linear-lars": {1024: "imagenet-linear-50ep", 1280: "imagenet-linear-50ep"}}
+
+
+def default_preset(dataset: str | None, protocol: str, width: int | None = None) -> str | None:
+    """The recipe a protocol trains with unless told: none for the linear probe; on ImageNet MAE's for the
+    checkpoint's ViT size."""
     if protocol == "linear":
         return None
     if protocol == "linear-lars":
-        return "imagenet-linear"
-    return {"imagenet": "imagenet", "digits": "embedded"}.get(dataset, "transfer")
+        return IMAGENET_BY_WIDTH[protocol].get(width, "imagenet-linear")
+    if dataset == "imagenet":
+        return IMAGENET_BY_WIDTH[protocol].get(width, "imagenet")
+    return {"digits": "embedded"}.get(dataset, "transfer")
 
 
 # ------------------------------------------------------------------------------------------- command line
@@ -159,14 +175,19 @@ def parse_args(argv: list[str] | None, description: str | None = None) -> Classi
     parser = config_parser(ClassificationConfig, PROG, description, PRESETS,
                            skip={"dataset", "protocol", *SHARED_FLAGS})
     parser.add_argument("dataset", nargs="?", help=f"one of: {', '.join(DATASETS)} (default: --config's)")
-    parser.add_argument("--protocol", choices=PROTOCOLS, help="default: linear, or --config's")
+    parser.add_argument("--protocol", choices=PROTOCOLS,
+                        help="default: --config's, else linear-lars on imagenet (MAE's probe), linear elsewhere")
     parser.add_argument("--recipe", dest="preset", choices=list(PRESETS), help="the same as --preset")
     for name in SHARED_FLAGS:
         parser.add_argument("--" + name.replace("_", "-"), type=int,
                             help="the protocol's (fine-tuning: the recipe's, per process; linear: feature extraction)")
     flags = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    if "protocol" not in flags and "config" not in flags:
+        flags["protocol"] = default_protocol(flags.get("dataset"))
+    width = vit_width(argv) if flags.get("dataset") == "imagenet" else None
     config = parse_config(ClassificationConfig, argv, prog=PROG, presets=PRESETS, parser=parser,
-                          default_preset=default_preset(flags.get("dataset"), flags.get("protocol", "linear")))
+                          default_preset=default_preset(flags.get("dataset"), flags.get("protocol", "linear"), width))
+    config = replace(config, protocol=flags.get("protocol", config.protocol))
     if config.dataset is None:
         parser.error(f"name a dataset ({', '.join(DATASETS)}), or pass a --config that does")
     if config.run.ckpt is None and not wants_printed_config(argv):

@@ -31,8 +31,6 @@ folder's lock and checks its ``config.yaml`` the same way, but writes no configu
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import dataclasses
 import functools
 import json
@@ -98,13 +96,13 @@ from mimbench.core.config import (
     to_dict,
     wants_printed_config,
 )
-from mimbench.core.errors import ConfigError, TrainingDiverged, UserError
+from mimbench.core.errors import ConfigError, TrainingDiverged
 from mimbench.core.io import file_sha256
 from mimbench.core.rundir import CONFIG_NAME, RunLock, differing_fields, read_config, start_run
 from mimbench.core.runtime import autocast, autocast_dtype, leave_process_group, resolve_device
 from mimbench.results import Result, append_result, build_result
 from mimbench.transfer.coco_data import coco_layout, dataset_name, subset_split, write_coco_subset, write_embedded_coco
-from mimbench.transfer.recipes import per_arch
+from mimbench.transfer.recipes import per_arch, vit_width
 
 DETECTRON2_CONFIGS = Path(detectron2.__file__).parent / "model_zoo/configs/common/models"
 # Detectron2's own configs, shipped inside its package: ViTDet's Mask R-CNN (heads, simple pyramid) and the
@@ -801,18 +799,9 @@ def parse_args(argv: list[str] | None) -> CocoConfig:
 
 
 def vitdet_preset(argv: list[str] | None) -> str:
-    """The default preset: ViTDet's for the checkpoint's ViT size (``--arch``, else the checkpoint's; B, L or H by
-    width), ViT-B's for any other backbone. A checkpoint that cannot be read is left to the loader's check."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--ckpt")
-    pre.add_argument("--arch")
-    pre.add_argument("--which", default="teacher")
-    known = pre.parse_known_args(argv)[0]
-    arch = known.arch
-    if arch is None and known.ckpt and Path(known.ckpt).is_file():
-        with contextlib.suppress(UserError):
-            arch = infer_arch(known.ckpt, known.which)
-    return VITDET_BY_WIDTH.get(ARCHS.get(arch or "", {}).get("embed_dim"), CocoConfig.preset)
+    """The default preset: ViTDet's for the checkpoint's ViT size (B, L or H by width), ViT-B's for any other
+    backbone."""
+    return VITDET_BY_WIDTH.get(vit_width(argv), CocoConfig.preset)
 
 
 def trained_weights(config: CocoConfig) -> Path:

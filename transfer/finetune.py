@@ -6,11 +6,13 @@ run trains is its :class:`FinetuneRecipe`; the named presets below (``--preset``
 recipe with ``dataclasses.replace``) are the data that tells the protocols apart:
 
 - ``imagenet``: the MAE fine-tuning recipe for ViT-B (He et al. 2022, appendix A.3), the base of the others.
-  Augmentation, mixup and the soft-target loss are timm's.
+  Augmentation, mixup and the soft-target loss are timm's. ``imagenet-vitl`` / ``imagenet-vith``: MAE's ViT-L / ViT-H
+  recipes (FINETUNE.md), the default for a checkpoint of that size; ``imagenet-rcmae-vitl``: the RC-MAE release's
+  ViT-L script, by name.
 - ``transfer``: the small transfer sets. MAE's optimiser and schedule without ImageNet's heavy regularisation;
   the learning rate and weight decay are chosen on val from a small grid (``transfer/classification.py``).
 - ``imagenet-linear``: MAE's linear probe (appendix A.4): frozen backbone, BatchNorm without affine before the
-  linear head, LARS.
+  linear head, LARS, the lr to 0; ``imagenet-linear-50ep`` for ViT-L / ViT-H. The default protocol on ImageNet.
 - ``ericsson``: Ericsson et al., "How Well Do Self-Supervised Models Transfer?", CVPR 2021 (linusericsson/
   ssl-transfer, finetune.py), the protocol of the ResNet rows of the MixedAE transfer table: SGD with Nesterov
   momentum 0.9 on every parameter, 5000 steps of batch 64, cosine to 0 without warmup, lr and weight decay chosen
@@ -105,6 +107,13 @@ class FinetuneRecipe:
 
 # MAE's ImageNet fine-tuning recipe as it stands (the field defaults above): no grid, as the paper's fixed values.
 MAE_FINETUNE = FinetuneRecipe()
+# MAE's FINETUNE.md per size: ViT-L 50 epochs, blr 1e-3, layer decay 0.75, drop path 0.2; ViT-H the same with drop
+# path 0.3 (batch 1024 for every size).
+MAE_FINETUNE_L = replace(MAE_FINETUNE, epochs=50, base_lr=1e-3, layer_decay=0.75, drop_path=0.2)
+MAE_FINETUNE_H = replace(MAE_FINETUNE_L, drop_path=0.3)
+# The RC-MAE release's ViT-L fine-tuning (scripts/finetune_rc_mae_large.sh): MAE's ViT-B schedule (100 epochs, blr
+# 5e-4, layer decay 0.65) with drop path 0.2, batch 64 x 2 accumulation x 8 GPUs = 1024.
+RCMAE_FINETUNE_L = replace(MAE_FINETUNE, drop_path=0.2)
 
 # The transfer sets (ours): MAE's optimiser, schedule and layer decay at batch 64 without ImageNet's RandAugment,
 # mixup, cutmix and random erasing (a few thousand images per set); lr and weight decay chosen on val from this
@@ -116,9 +125,11 @@ TRANSFER = replace(MAE_FINETUNE, batch_size=64, total_batch_size=None, randaugme
 # process, or accumulation), LARS with base lr 0.1, no weight decay, the class token, BatchNorm without affine
 # before the linear head; augmentation is RandomResizedCrop + flip only, no drop path, no label smoothing.
 IMAGENET_LINEAR = replace(MAE_FINETUNE, epochs=90, warmup_epochs=10, batch_size=512, total_batch_size=16384,
-                          base_lr=0.1, weight_decay=0.0, layer_decay=1.0, drop_path=0.0, global_pool="token",
-                          randaugment=None, mixup=0.0, cutmix=0.0, label_smoothing=0.0, random_erasing=0.0,
-                          frozen_backbone=True, optimizer="lars")
+                          base_lr=0.1, min_lr=0.0, weight_decay=0.0, layer_decay=1.0, drop_path=0.0,
+                          global_pool="token", randaugment=None, mixup=0.0, cutmix=0.0, label_smoothing=0.0,
+                          random_erasing=0.0, frozen_backbone=True, optimizer="lars")
+# ViT-L and ViT-H: "It is sufficient to train 50 epochs" (MAE's FINETUNE.md, linear probing).
+IMAGENET_LINEAR_50EP = replace(IMAGENET_LINEAR, epochs=50)
 
 # The CPU demo on the bundled 8x8 digits (ours): 16x16 inputs (16 tokens instead of 64 keep it to a minute), 5
 # epochs (1 warmup), no drop path, mild crops (scale 0.8-1), no flips (mirroring changes a digit), no eval crop,
@@ -138,8 +149,11 @@ ERICSSON = replace(MAE_FINETUNE, steps=5000, warmup_epochs=0, batch_size=64, tot
                    num_workers=4, lr_grid=(0.1, 0.01, 0.001, 0.0001), wd_grid=(0.0, 1e-6, 1e-5, 1e-4, 1e-3),
                    wd_over_lr=True)
 
-PRESETS: dict[str, FinetuneRecipe] = {"imagenet": MAE_FINETUNE, "transfer": TRANSFER,
-                                      "imagenet-linear": IMAGENET_LINEAR, "embedded": EMBEDDED, "ericsson": ERICSSON}
+PRESETS: dict[str, FinetuneRecipe] = {"imagenet": MAE_FINETUNE, "imagenet-vitl": MAE_FINETUNE_L,
+                                      "imagenet-vith": MAE_FINETUNE_H, "imagenet-rcmae-vitl": RCMAE_FINETUNE_L,
+                                      "transfer": TRANSFER, "imagenet-linear": IMAGENET_LINEAR,
+                                      "imagenet-linear-50ep": IMAGENET_LINEAR_50EP, "embedded": EMBEDDED,
+                                      "ericsson": ERICSSON}
 
 
 def train_transform(recipe: FinetuneRecipe, image_size: int) -> Callable:
