@@ -7,12 +7,15 @@ cannot take the official value, the table says so next to the value and the test
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
 
+from mimbench.backbones.vit import create_backbone
 from mimbench.pretrain import supervised
 from mimbench.transfer import coco, finetune
 
@@ -279,3 +282,105 @@ def test_the_deit_preset_and_its_transforms_equal_deits():
     # validation: resize 256 (bicubic), centre crop 224
     resize, crop = supervised.eval_transform(preset).transforms[:2]
     assert (resize.size, resize.interpolation.value, crop.size) == (256, "bicubic", (224, 224))
+
+
+# ---------------------------------------------------------------------------------------------- ADE20K UperNet
+
+MMSEG = "open-mmlab/mmsegmentation@827c6a50aa27eb19a308c7b66d339e4efb6f7085:configs/mae/" \
+        "mae-base_upernet_8xb2-amp-160k_ade20k-512x512.py"
+MMSEG_LD = "open-mmlab/mmsegmentation@cb054c5da972978d3abcff1525336d41a76951ea:mmseg/engine/optimizers/" \
+           "layer_decay_optimizer_constructor.py"
+MPVIT_SEG = "youngwanLEE/MPViT@e2d86e6c465abc4847e601f8a401bdd1692836f7:semantic_segmentation/configs"
+UPERNET_VITB_160K = {
+    "crop_size": (512, f"{MMSEG}:5"),
+    "drop_path_rate": (0.1, f"{MMSEG}:19"),
+    "layer_scale": (1.0, f"{MMSEG}:18"),
+    "lr": (1e-4, f"{MMSEG}:30"),
+    "weight_decay": (0.05, f"{MMSEG}:31"),
+    "layer_decay": (0.65, f"{MMSEG}:32"),
+    "warmup_iters": (1500, f"{MMSEG}:36"),
+    "warmup_inside_poly": (False, f"{MMSEG}:39 (PolyLR begin=1500)"),
+    "batch_size": (16, f"{MMSEG}:51-52 (8 GPUs x 2)"),
+    "no_decay": ("1d", f"{MMSEG_LD}:134-137 (1-D tensors and '.bias'; 'pos_embed' never equals 'backbone.pos_embed')"),
+    "test_mode": ("slide", f"{MMSEG}:25"),
+}
+MPVIT_UPERNET_160K = {
+    "crop_size": (512, f"{MPVIT_SEG}/_base_/datasets/ade20k.py:8"),
+    "lr": (6e-5, f"{MPVIT_SEG}/mpvit/upernet/upernet_mpvit_small_160k_ade20k.py:34"),
+    "weight_decay": (0.01, f"{MPVIT_SEG}/mpvit/upernet/upernet_mpvit_small_160k_ade20k.py:34"),
+    "layer_decay": (1.0, f"{MPVIT_SEG}/mpvit/upernet/upernet_mpvit_small_160k_ade20k.py:34 (no paramwise_cfg)"),
+    "no_decay": ("none", f"{MPVIT_SEG}/mpvit/upernet/upernet_mpvit_small_160k_ade20k.py:34 (no paramwise_cfg)"),
+    "warmup_iters": (1500, f"{MPVIT_SEG}/mpvit/upernet/upernet_mpvit_small_160k_ade20k.py:38"),
+    "warmup_inside_poly": (True, f"{MPVIT_SEG}/mpvit/upernet/upernet_mpvit_small_160k_ade20k.py:36-40 (mmcv poly)"),
+    "batch_size": (16, f"{MPVIT_SEG}/mpvit/upernet/upernet_mpvit_small_160k_ade20k.py:42-43"),
+    "head_channels": (512, f"{MPVIT_SEG}/_base_/models/upernet_mpvit.py:32"),
+    "aux_channels": (256, f"{MPVIT_SEG}/_base_/models/upernet_mpvit.py:43"),
+    "test_mode": ("whole", f"{MPVIT_SEG}/_base_/models/upernet_mpvit.py:54"),
+    "drop_path_by_arch": ({"mpvit_small": 0.2, "mpvit_base": 0.4},
+                          f"{MPVIT_SEG}/mpvit/upernet/upernet_mpvit_{{small,base}}_160k_ade20k.py:21"),
+}
+
+
+@pytest.mark.parametrize("name, official", [("upernet_vitb_160k", UPERNET_VITB_160K),
+                                            ("mpvit_upernet_160k", MPVIT_UPERNET_160K)])
+def test_ade20k_presets_equal_the_official_configs(name, official):
+    from mimbench.transfer import ade20k
+
+    preset = ade20k.PRESETS[name]
+    for field, (value, source) in official.items():
+        assert getattr(preset, field) == value, f"{name}.{field}: ours {getattr(preset, field)!r}, {source}"
+
+
+def test_ade20k_weight_decay_as_mmseg_decides_it(tmp_path):
+    """mmseg's MAE config: 1-D tensors and biases undecayed, pos_embed and cls_token decayed (its name test compares
+    'pos_embed' with 'backbone.pos_embed'); MPViT's: every parameter decayed."""
+    from mimbench.transfer import ade20k
+
+    checkpoint = tmp_path / "vit.pth"
+    torch.save(create_backbone("vit_tiny_patch4_32").state_dict(), checkpoint)
+    tiny = dataclasses.replace(ade20k.PRESETS["embedded_cpu"], relative_position_bias=True, layer_scale=1.0,
+                               test_mode="slide", slide_stride=32)
+    segmentor = ade20k.build_segmentor(str(checkpoint), num_classes=5, recipe=tiny, arch="vit_tiny_patch4_32")
+
+    def decay_of(no_decay: str) -> dict[str, float]:
+        constructor = ade20k.LayerDecayConstructor(
+            dict(type="OptimWrapper", optimizer=dict(type="AdamW", lr=1e-3, weight_decay=0.05)),
+            dict(layer_decay=0.65, no_decay=no_decay))
+        with ade20k.DefaultScope.overwrite_default_scope("mmseg"):
+            optimizer = constructor(segmentor).optimizer
+        return {name: group["weight_decay"] for group in optimizer.param_groups for name in group["param_names"]}
+
+    mmseg = decay_of("1d")
+    params = dict(segmentor.named_parameters())
+    assert mmseg["backbone.net.pos_embed"] == mmseg["backbone.net.cls_token"] == 0.05
+    assert all(mmseg[n] == (0.0 if p.ndim == 1 or n.endswith(".bias") else 0.05) for n, p in params.items())
+    assert set(decay_of("none").values()) == {0.05}
+
+
+def test_mpvits_poly_runs_from_zero_under_the_warmup_as_mmcv_computes_it():
+    """mmcv 1.x (MPViT's mmseg 0.11): lr = base × (1 − t/T) × (1 − (1 − t/W)(1 − 1e-6)) while t < W, base × (1 − t/T)
+    after; mmseg 1.x's MAE config starts the poly at W."""
+    from mmengine.optim import OptimWrapper
+    from mmengine.registry import PARAM_SCHEDULERS
+
+    from mimbench.transfer import ade20k
+
+    def lrs(recipe) -> list[float]:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=recipe.lr)
+        wrapper = OptimWrapper(optimizer)
+        schedulers = [PARAM_SCHEDULERS.build({**cfg, "optimizer": wrapper}) for cfg in ade20k.lr_schedule(recipe)]
+        found = []
+        for _ in range(recipe.max_iters):
+            found.append(optimizer.param_groups[0]["lr"])
+            for scheduler in schedulers:
+                scheduler.step()
+        return found
+
+    mpvit = dataclasses.replace(ade20k.PRESETS["mpvit_upernet_160k"], max_iters=400, warmup_iters=40)
+    base, total, warm = mpvit.lr, mpvit.max_iters, mpvit.warmup_iters
+    mmcv = [base * (1 - t / total) * ((1 - (1 - t / warm) * (1 - 1e-6)) if t < warm else 1.0) for t in range(total)]
+    assert lrs(mpvit) == pytest.approx(mmcv, rel=1e-6, abs=1e-15)
+    # mmseg 1.x's MAE config as it reads: PolyLR(begin=40, end=400) reaches 0 at 399 (mmengine's end - 1)
+    mae = dataclasses.replace(ade20k.PRESETS["upernet_vitb_160k"], max_iters=400, warmup_iters=40)
+    after = lrs(mae)[40:]
+    assert after == pytest.approx([mae.lr * (1 - (t - 40) / 359) for t in range(40, 400)], rel=1e-6, abs=1e-15)

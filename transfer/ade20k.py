@@ -119,7 +119,7 @@ class SegmentationPreset:
     weight_decay: float
     layer_decay: float
     drop_path_rate: float | None  # None: drop_path_by_arch's value for the backbone (`resolve_drop_path`)
-    warmup_iters: int  # linear from 1e-6 × lr, then poly (power 1) to 0
+    warmup_iters: int  # linear from 1e-6 × lr, with a poly (power 1) to 0 (`lr_schedule`)
     head_channels: int  # UPerHead width
     aux_channels: int  # FCNHead width
     # Mixed precision on a GPU without bf16 (V100, T4): fp16 with a dynamic loss scale, else fp32 there.
@@ -136,6 +136,13 @@ class SegmentationPreset:
     log_interval: int
     num_workers: int
     drop_path_by_arch: dict[str, float] = field(default_factory=dict)  # where drop_path_rate is None
+    # Which parameters get no weight decay: "1d" (mmseg's LayerDecayOptimizerConstructor: 1-D tensors and biases;
+    # its name test for pos_embed / cls_token never matches the segmentor's "backbone." names, so they decay) or
+    # "none" (mmengine's default constructor without paramwise_cfg: every parameter decays).
+    no_decay: str = "1d"
+    # mmcv 1.x's poly with warmup (MPViT's mmseg 0.11 lr_config): the poly runs from iteration 0 and the linear
+    # warmup multiplies its first warmup_iters; False: mmseg 1.x's, the poly from the warmup's end.
+    warmup_inside_poly: bool = False
 
 
 # The paper protocol (MAE / BEiT / MixedAE ADE20K), as mmseg's configs/mae/mae-base_upernet_8xb2-amp-160k_ade20k-
@@ -175,7 +182,7 @@ UPERNET_VITB_160K = SegmentationPreset(
 MPVIT_UPERNET_160K = dataclasses.replace(
     UPERNET_VITB_160K, lr=6e-5, weight_decay=0.01, layer_decay=1.0, drop_path_rate=None,
     drop_path_by_arch={"mpvit_small": 0.2, "mpvit_base": 0.4}, head_channels=512, fp16_without_bf16=False,
-    test_mode="whole")
+    test_mode="whole", no_decay="none", warmup_inside_poly=True)
 
 # The protocol each preset measures under: a record's protocol_id, and the ids tables/reference/ rows name
 # (single-scale test: mmseg's MAE config tests one scale; MPViT's too).
@@ -437,24 +444,48 @@ class MimbenchBackbone(BaseModule):
 class LayerDecayConstructor:
     """AdamW groups from ``mimbench.backbones.layer_decay`` over the backbone's contract: layer i at
     lr × decay^(num_layers + 1 − i) (a ViT: block i at lr × decay^(depth − i), embeddings at lr × decay^(depth + 1)),
-    neck and heads at lr; no weight decay where the contract says (norms, biases, tokens, position embeddings).
-    (mmseg's LayerDecayOptimizerConstructor expects its own ViT's parameter names.)"""
+    neck and heads at lr. Weight decay as the recipe's ``no_decay`` says: "1d" exempts 1-D tensors and biases
+    (mmseg's LayerDecayOptimizerConstructor, whose layer ids expect its own ViT's names), "none" decays every
+    parameter."""
 
     def __init__(self, optim_wrapper_cfg: dict, paramwise_cfg: dict | None = None) -> None:
         self.optim_wrapper_cfg = dict(optim_wrapper_cfg)
         self.layer_decay = (paramwise_cfg or {}).get("layer_decay", 1.0)
+        self.no_decay = (paramwise_cfg or {}).get("no_decay", "1d")
+        if self.no_decay not in ("1d", "none"):
+            raise ConfigError(f"--no-decay {self.no_decay!r}: choose 1d or none")
 
     def __call__(self, model: torch.nn.Module) -> OptimWrapper:
         segmentor = model.module if is_model_wrapper(model) else model
         wrapper_cfg = dict(self.optim_wrapper_cfg)
         optimizer_cfg = dict(wrapper_cfg.pop("optimizer"))
-        groups = layer_decay_param_groups(segmentor, segmentor.backbone.contract,
-                                          optimizer_cfg.get("weight_decay", 0.0), self.layer_decay,
-                                          backbone_prefix="backbone.net.")
-        for group in groups:
-            group["lr"] = optimizer_cfg["lr"] * group["lr_scale"]
+        weight_decay = optimizer_cfg.get("weight_decay", 0.0)
+        groups = []
+        for group in layer_decay_param_groups(segmentor, segmentor.backbone.contract, weight_decay,
+                                              self.layer_decay, backbone_prefix="backbone.net."):
+            for name, param in zip(group["param_names"], group["params"]):  # the recipe's decay, tensor by tensor
+                exempt = self.no_decay == "1d" and (param.ndim == 1 or name.endswith(".bias"))
+                groups.append({"params": [param], "param_names": [name], "lr_scale": group["lr_scale"],
+                               "lr": optimizer_cfg["lr"] * group["lr_scale"],
+                               "weight_decay": 0.0 if exempt else weight_decay})
         optimizer = OPTIMIZERS.build({**optimizer_cfg, "params": groups})
         return OPTIM_WRAPPERS.build(wrapper_cfg, default_args=dict(optimizer=optimizer))
+
+
+def lr_schedule(recipe: SegmentationPreset) -> list[dict]:
+    """mmengine's schedulers of the recipe: a linear warmup from 1e-6 × lr over warmup_iters and a poly (power 1)
+    to 0. mmseg 1.x's MAE config: LinearLR over [0, W), PolyLR over [W, T) (mmengine reaches a scheduler's end value
+    at end − 1). ``warmup_inside_poly``, mmcv 1.x's poly with warmup (lr × (1 − t/T) × (r + (1 − r) t/W) while
+    t < W): both from 0, ending one step later so that they reach their end values at W and T as mmcv's do."""
+    warmup = min(recipe.warmup_iters, recipe.max_iters)
+    if recipe.warmup_inside_poly:
+        return [dict(type="LinearLR", start_factor=1e-6, by_epoch=False, begin=0, end=warmup + 1),
+                dict(type="PolyLR", eta_min=0.0, power=1.0, by_epoch=False, begin=0, end=recipe.max_iters + 1)]
+    return [  # mmengine rejects empty phases (a short run may be all warmup)
+        *([dict(type="LinearLR", start_factor=1e-6, by_epoch=False, begin=0, end=warmup)] if warmup else []),
+        *([dict(type="PolyLR", eta_min=0.0, power=1.0, by_epoch=False, begin=warmup, end=recipe.max_iters)]
+          if warmup < recipe.max_iters else []),
+    ]
 
 
 def segmentor_config(checkpoint: str, arch: str, num_classes: int, recipe: SegmentationPreset,
@@ -600,7 +631,6 @@ def runner_config(config: Ade20kConfig, data: SegmentationData, work_dir: Path, 
                                                seg_map_path="annotations/validation"),
                      pipeline=test_pipeline))
     optimizer = dict(type="AdamW", lr=recipe.lr, betas=(0.9, 0.999), weight_decay=recipe.weight_decay)
-    warmup = min(recipe.warmup_iters, recipe.max_iters)
     # a hierarchical backbone's own BatchNorms are synchronised over the GPUs, as mmseg's SyncBN ResNets
     sync_bn = "torch" if world_size > 1 and architecture_contract(arch).kind == "hierarchical" else None
     return dict(
@@ -622,12 +652,8 @@ def runner_config(config: Ade20kConfig, data: SegmentationData, work_dir: Path, 
         val_cfg=dict(type="ValLoop"),
         test_cfg=dict(type="TestLoop"),
         optim_wrapper=dict(**optim_wrapper, optimizer=optimizer, constructor="LayerDecayConstructor",
-                           paramwise_cfg=dict(layer_decay=recipe.layer_decay)),
-        param_scheduler=[  # mmengine rejects empty phases (a short run may be all warmup)
-            *([dict(type="LinearLR", start_factor=1e-6, by_epoch=False, begin=0, end=warmup)] if warmup else []),
-            *([dict(type="PolyLR", eta_min=0.0, power=1.0, by_epoch=False, begin=warmup, end=recipe.max_iters)]
-              if warmup < recipe.max_iters else []),
-        ],
+                           paramwise_cfg=dict(layer_decay=recipe.layer_decay, no_decay=recipe.no_decay)),
+        param_scheduler=lr_schedule(recipe),
         default_hooks=dict(
             timer=dict(type="IterTimerHook"),
             logger=dict(type="LoggerHook", interval=recipe.log_interval, log_metric_by_epoch=False),
