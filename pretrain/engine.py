@@ -137,7 +137,7 @@ MAE_RELEASE = dataclasses.replace(BASE, for_method="mae", epochs=1600,
 RCMAE_RELEASE = dataclasses.replace(
     BASE, for_method="rcmae", epochs=1600, batch_size=256,
     method_options=dict(mask_ratio=0.75, norm_pix_loss=True, consistency_weight=1.0, momentum_start=0.996,
-                        teacher_schedule="release"))
+                        teacher_schedule="release", release_accumulation=2))
 PRESETS: dict[str, PretrainRecipe] = {
     "in1k_vit_b": BASE,
     # The bundled photos on a CPU in minutes: 32-pixel crops, a tiny ViT (its decoder from the table: 2 blocks,

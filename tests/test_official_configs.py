@@ -284,6 +284,40 @@ def test_the_deit_preset_and_its_transforms_equal_deits():
     assert (resize.size, resize.interpolation.value, crop.size) == (256, "bicubic", (224, 224))
 
 
+# ----------------------------------------------------------------------------------- RC-MAE's pretraining release
+
+RCMAE_B = f"{RCMAE}:scripts/pretrain_rc_mae_vit_base_1600ep.sh"
+RCMAE_PRETRAIN = {
+    "batch_size": (256, f"{RCMAE_B}:23"),
+    "total_batch_size": (4096, f"{RCMAE_B}:21-24 (8 GPUs x 256 x --accum_iter 2)"),
+    "epochs": (1600, f"{RCMAE_B}:25"),
+    "warmup_epochs": (40, f"{RCMAE_B}:26"),
+    "base_lr": (1.5e-4, f"{RCMAE_B}:30"),
+    "weight_decay": (0.05, f"{RCMAE_B}:31"),
+    "min_lr": (0.0, f"{RCMAE}:run_pretrain.py:115"),
+}
+RCMAE_PRETRAIN_OPTIONS = {
+    "norm_pix_loss": (True, f"{RCMAE_B}:27"),
+    "mask_ratio": (0.75, f"{RCMAE_B}:28"),
+    "consistency_weight": (1.0, f"{RCMAE_B}:29 (--gamma)"),
+    "momentum_start": (0.996, f"{RCMAE}:run_pretrain.py:171-172"),
+    "teacher_schedule": ("release", f"{RCMAE}:engine_pretrain.py:110-116 (an EMA update after every micro-batch)"),
+    "release_accumulation": (2, f"{RCMAE_B}:24"),
+}
+
+
+@pytest.mark.parametrize("name", ["rcmae_vitb_1600", "rcmae_vitl_1600"])
+def test_rcmae_pretraining_presets_equal_the_release_scripts(name):
+    from mimbench.pretrain.engine import PRESETS
+
+    preset = PRESETS[name]
+    for field, (value, source) in RCMAE_PRETRAIN.items():
+        assert getattr(preset, field) == value, f"{name}.{field}: ours {getattr(preset, field)!r}, {source}"
+    for option, (value, source) in RCMAE_PRETRAIN_OPTIONS.items():
+        ours = preset.method_options[option]
+        assert ours == value, f"{name}.{option}: ours {ours!r}, {source}"
+
+
 # ---------------------------------------------------------------------------------------------- ADE20K UperNet
 
 MMSEG = "open-mmlab/mmsegmentation@827c6a50aa27eb19a308c7b66d339e4efb6f7085:configs/mae/" \
