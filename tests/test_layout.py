@@ -14,13 +14,14 @@ ROOT = Path(__file__).resolve().parents[1]
 FRAMEWORKS = ("detectron2", "fvcore", "mmseg", "mmcv", "mmengine", "mmdet", "mmpretrain")
 # Each framework's adapter (and its tests) are the only files that import it.
 ADAPTER_FILES = {
-    "detectron2": {"transfer/coco.py", "tests/test_transfer_coco.py"},
+    "detectron2": {"transfer/coco.py", "tests/test_transfer_coco.py", "tests/test_official_configs.py"},
     "fvcore": {"transfer/coco.py"},
     **{name: {"transfer/ade20k.py", "transfer/mmseg_compat.py", "tests/test_transfer_ade20k.py"}
        for name in ("mmseg", "mmcv", "mmengine")},
     "mmpretrain": {"benchmarks/vs_mmpretrain.py"},  # a benchmark's peer, never a part of the product
 }
 ADAPTER_FILES["mmengine"] = ADAPTER_FILES["mmengine"] | ADAPTER_FILES["mmpretrain"]  # MMPretrain's optimizer wrapper
+ADAPTER_FILES["mmengine"] |= {"tests/test_official_configs.py"}  # mmengine's schedulers against mmcv's formula
 
 
 def test_package_is_the_repository():

@@ -347,6 +347,7 @@ OLD_RECIPES = {
     "imagenet": dict(batch_size=128, total_batch_size=1024, randaugment="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0,
                      random_erasing=0.25, num_workers=10),
     "imagenet-linear": dict(epochs=90, warmup_epochs=10, batch_size=512, total_batch_size=16384, base_lr=0.1,
+                            min_lr=0.0,  # MAE's probe decays to 0 (main_linprobe.py), not fine-tuning's 1e-6
                             weight_decay=0.0, layer_decay=1.0, drop_path=0.0, global_pool="token",
                             label_smoothing=0.0, frozen_backbone=True, optimizer="lars", num_workers=10),
     "embedded": dict(epochs=5, warmup_epochs=1, base_lr=1e-2, layer_decay=0.75, drop_path=0.0, min_crop_scale=0.8,
@@ -356,7 +357,10 @@ OLD_RECIPES = {
 
 
 def test_presets_keep_the_recipes_numbers_and_derive_from_mae():
-    assert set(PRESETS) == set(OLD_RECIPES) | {"ericsson"} and PRESETS["imagenet"] == MAE_FINETUNE == FinetuneRecipe()
+    # the per-size ImageNet recipes are tested against MAE's and RC-MAE's releases in test_official_configs.py
+    assert set(PRESETS) == set(OLD_RECIPES) | {"ericsson", "imagenet-vitl", "imagenet-vith", "imagenet-rcmae-vitl",
+                                               "imagenet-linear-50ep"}
+    assert PRESETS["imagenet"] == MAE_FINETUNE == FinetuneRecipe()
     for name, overrides in OLD_RECIPES.items():
         assert asdict(PRESETS[name]) == {"lr_grid": (), "wd_grid": (), **OLD_DEFAULTS, **overrides}, name
 
