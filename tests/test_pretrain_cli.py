@@ -205,10 +205,11 @@ def test_embedded_writes_the_photo_set_once_and_runs_on_it(tmp_path, monkeypatch
 
 def test_a_second_run_into_a_held_folder_stops_naming_the_holder(photos, tmp_path, capsys):
     out = tmp_path / "busy"
+    # The holder keeps the lock until the test closes its stdin (however long the second run takes to get there).
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from mimbench.core.rundir import RunLock; "
-         f"RunLock({str(out)!r}).acquire(); print('held', flush=True); time.sleep(120)"],
-        stdout=subprocess.PIPE, text=True)
+        [sys.executable, "-c", "import sys; from mimbench.core.rundir import RunLock; "
+         f"RunLock({str(out)!r}).acquire(); print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         assert main(["--data-root", str(photos), *TINY, "--out", str(out)]) == 1
