@@ -418,3 +418,37 @@ def test_mpvits_poly_runs_from_zero_under_the_warmup_as_mmcv_computes_it():
     mae = dataclasses.replace(ade20k.PRESETS["upernet_vitb_160k"], max_iters=400, warmup_iters=40)
     after = lrs(mae)[40:]
     assert after == pytest.approx([mae.lr * (1 - (t - 40) / 359) for t in range(40, 400)], rel=1e-6, abs=1e-15)
+
+
+# ------------------------------------------------------------------------------------------- --print-config
+
+
+def test_every_entry_point_prints_its_resolved_config_and_protocol(capsys):
+    """No checkpoint needed; the YAML replays as --config; the protocol line names what the records will carry."""
+    import yaml
+
+    from mimbench.landscape.run import main as landscape
+    from mimbench.pretrain.run import main as pretrain
+    from mimbench.transfer.run import main as transfer
+
+    def printed(main, argv: list[str]) -> tuple[str, dict]:
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        first = out.splitlines()[0]
+        return (first.removeprefix("# protocol: ") if first.startswith("# protocol: ") else ""), yaml.safe_load(out)
+
+    protocol, config = printed(transfer, ["coco", "--print-config"])
+    assert protocol == "vitdet-100ep" and config["preset"] == "vitdet_b_100ep" and config["recipe"]["lr"] == 1e-4
+    protocol, config = printed(transfer, ["coco", "--arch", "vit_large_patch16_224", "--max-iter", "10",
+                                          "--print-config"])
+    assert config["preset"] == "vitdet_l_100ep" and protocol.startswith("vitdet-100ep+")
+    assert printed(transfer, ["ade20k", "--print-config"])[0] == "upernet-160k-ss"
+    protocol, config = printed(transfer, ["imagenet", "--print-config"])
+    assert (protocol, config["protocol"], config["recipe"]["min_lr"]) == ("mae-linprobe", "linear-lars", 0.0)
+    assert printed(transfer, ["cifar10", "--print-config"])[0] == "lbfgs-linear"
+    _, config = printed(pretrain, ["--method", "supervised", "--print-config"])
+    assert config["recipe"]["eval_crop_ratio"] == 0.875
+    _, config = printed(pretrain, ["--preset", "rcmae_vitb_1600", "--print-config"])
+    assert config["recipe"]["method_options"]["release_accumulation"] == 2
+    _, config = printed(landscape, ["--print-config"])
+    assert config["preset"] == "vit_b"
