@@ -27,6 +27,12 @@ RCMAE = "youngwanLEE/rc-mae@cf3982300b088945e3bfe43e54d67f826040e47d"
 DEIT = "facebookresearch/deit@7e160fe43f0252d17191b71cbb5826254114ea5b"
 DEIT_2021 = "facebookresearch/deit@0c4b8f60bdbe6acb438bc7f4805a331ddd19e017"
 
+
+def assert_official(name: str, preset, official: dict) -> None:
+    """Every field of ``official`` (field: (value, citation)) equals the preset's; a mismatch names the source."""
+    for field, (value, source) in official.items():
+        assert getattr(preset, field) == value, f"{name}.{field}: ours {getattr(preset, field)!r}, {source}"
+
 # ---------------------------------------------------------------------------------------------------- ViTDet
 
 VITDET_B_100EP = {  # field: (official value, where it is set)
@@ -75,8 +81,7 @@ VITDET_H_75EP = {**VITDET_B_100EP,
                                             ("vitdet_h_75ep", VITDET_H_75EP)])
 def test_vitdet_presets_equal_detectron2s_configs(name, official):
     preset = coco.PRESETS[name]
-    for field, (value, source) in official.items():
-        assert getattr(preset, field) == value, f"{name}.{field}: ours {getattr(preset, field)!r}, {source}"
+    assert_official(name, preset, official)
 
 
 def test_the_default_coco_preset_follows_the_checkpoints_vit_size():
@@ -152,8 +157,7 @@ MPVIT_MASKRCNN_3X_MS = {
                                             ("mpvit_maskrcnn_3x_ms", MPVIT_MASKRCNN_3X_MS)])
 def test_mpvit_mask_rcnn_presets_equal_the_official_configs(name, official):
     preset = coco.PRESETS[name]
-    for field, (value, source) in official.items():
-        assert getattr(preset, field) == value, f"{name}.{field}: ours {getattr(preset, field)!r}, {source}"
+    assert_official(name, preset, official)
 
 
 def test_mpvit_mask_rcnn_is_detectron2s_standard_fpn_mask_rcnn_built_from_its_own_config():
@@ -241,8 +245,7 @@ MAE_LINPROBE_50EP = {**MAE_LINPROBE, "epochs": (50, f"{MAE_FT}:155")}
     ("imagenet-linear-50ep", MAE_LINPROBE_50EP)])
 def test_imagenet_presets_equal_the_releases_recipes(name, official):
     preset = finetune.PRESETS[name]
-    for field, (value, source) in official.items():
-        assert getattr(preset, field) == value, f"{name}.{field}: ours {getattr(preset, field)!r}, {source}"
+    assert_official(name, preset, official)
 
 
 def test_imagenet_defaults_are_the_papers_protocols_by_vit_size():
@@ -274,8 +277,7 @@ DEIT_RECIPE = {
 
 def test_the_deit_preset_and_its_transforms_equal_deits():
     preset = supervised.PRESETS["deit_in1k"]
-    for field, (value, source) in DEIT_RECIPE.items():
-        assert getattr(preset, field) == value, f"deit_in1k.{field}: ours {getattr(preset, field)!r}, {source}"
+    assert_official("deit_in1k", preset, DEIT_RECIPE)
     # random erasing in "pixel" mode, one box ({DEIT}:main.py:120 and :122)
     (erasing,) = [t for t in supervised.train_transform(preset).transforms if type(t).__name__ == "RandomErasing"]
     assert (erasing.probability, erasing.mode, erasing.max_count) == (0.25, "pixel", 1)
@@ -311,8 +313,7 @@ def test_rcmae_pretraining_presets_equal_the_release_scripts(name):
     from mimbench.pretrain.engine import PRESETS
 
     preset = PRESETS[name]
-    for field, (value, source) in RCMAE_PRETRAIN.items():
-        assert getattr(preset, field) == value, f"{name}.{field}: ours {getattr(preset, field)!r}, {source}"
+    assert_official(name, preset, RCMAE_PRETRAIN)
     for option, (value, source) in RCMAE_PRETRAIN_OPTIONS.items():
         ours = preset.method_options[option]
         assert ours == value, f"{name}.{option}: ours {ours!r}, {source}"
@@ -361,8 +362,7 @@ def test_ade20k_presets_equal_the_official_configs(name, official):
     from mimbench.transfer import ade20k
 
     preset = ade20k.PRESETS[name]
-    for field, (value, source) in official.items():
-        assert getattr(preset, field) == value, f"{name}.{field}: ours {getattr(preset, field)!r}, {source}"
+    assert_official(name, preset, official)
 
 
 def test_ade20k_weight_decay_as_mmseg_decides_it(tmp_path):
